@@ -1,0 +1,189 @@
+"""
+The drifting field V and the drift loss: pure tensor functions, float32, no state.
+
+Paper: Generative Modeling via Drifting, Deng, Li, Li, Du, He, arXiv:2602.04770 (equation
+numbers refer to v2). Official code: github.com/lambertae/drifting @ accd0cf, drift_loss.py.
+
+Two entry points:
+- `drift_field(x, y_pos, y_neg, tau)`: the simple kernel mean-shift field of Sec. 3 / Alg. 2,
+  as in the official toy notebook. For teaching and the 2-D toy run.
+- `drift_loss(gen, pos, neg, ...)`: the loss the official ImageNet code trains with: feature
+  and drift normalization (App. A.6), several temperatures, CFG weights. Golden-tested.
+
+The idea in one line (Eq. 6): move each generated sample x toward x + V(x), where
+V = V+ - V- pulls toward data and pushes away from the other generated samples; train with
+loss = ||f(eps) - stopgrad(f(eps) + V)||^2, whose value is ||V||^2.
+
+Demo: python field.py
+"""
+import math
+
+import torch
+
+# Shapes: B rows (one per class group x feature location); C_g generated, C_n unconditional
+#         negatives, C_p positives per row; M = C_g + C_n + C_p targets; S feature dim.
+#         drift_field alone: N generated, P positive, Q negative points of dim D.
+# Names follow the official drift_loss.py so the two can be read side by side.
+
+KERNEL_NORMS = ("both", "y", "none", "per_set")
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel affinities
+# ------------------------------------------------------------------------------------------
+def _log_affinity(logits, n_pos, kernel_norm):
+    """log A from kernel logits l = -dist/tau, (..., N, M), with the last n_pos columns positive.
+
+    "both"    (default): A = sqrt(softmax_j(l) * softmax_i(l)) = k_ij / sqrt(R_i C_j)  (Eq. 17)
+    "y"       : softmax over targets only (Tab. 11 "softmax over y")
+    "none"    : the raw kernel k = exp(l)                       (Tab. 11 "no normalization")
+    "per_set" : V+ and V- each normalized by their own Z_p, Z_q, as Eq. (8)-(11) are written.
+    Done in log space: with d/tau in the thousands every exp(l) underflows to 0 and a raw-kernel
+    normalization would return 0/0; log-softmax does not.
+    """
+    if kernel_norm == "both":
+        return 0.5 * (torch.log_softmax(logits, dim=-1) + torch.log_softmax(logits, dim=-2))
+    if kernel_norm == "y":
+        return torch.log_softmax(logits, dim=-1)
+    if kernel_norm == "none":
+        return logits
+    if kernel_norm == "per_set":
+        neg, pos = logits[..., :-n_pos], logits[..., -n_pos:]
+        return torch.cat([torch.log_softmax(neg, -1), torch.log_softmax(pos, -1)], dim=-1)
+    raise ValueError(f"kernel_norm={kernel_norm!r}: expected one of {KERNEL_NORMS}")
+
+
+def _cross_weight(A, n_pos):
+    """Alg. 2 step 5: (..., N, M) affinities -> signed coefficients R with sum_j R_ij = 0.
+
+    W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), R = [-W_neg, W_pos]; then
+    V_i = sum_j R_ij y_j is the estimator of Eq. (11): E[k(x,y+) k(x,y-) (y+ - y-)] / Z_p Z_q.
+    """
+    A_neg, A_pos = A[..., :-n_pos], A[..., -n_pos:]                  # (.., N, M-P), (.., N, P)
+    W_pos = A_pos * A_neg.sum(-1, keepdim=True)                      # (.., N, P)
+    W_neg = A_neg * A_pos.sum(-1, keepdim=True)                      # (.., N, M-P)
+    return torch.cat([-W_neg, W_pos], dim=-1)                        # (.., N, M)
+
+
+# ------------------------------------------------------------------------------------------
+# The simple field (Sec. 3.2-3.3, Alg. 2; official toy notebook)
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None):
+    """V_{p,q}(x) = V+_p(x) - V-_q(x) with the Laplace kernel k = exp(-||x - y|| / tau) (Eq. 12).
+
+    x (..., N, D) generated points; y_pos (..., P, D) data; y_neg (..., Q, D) negatives,
+    usually x itself. mask_self: drop k(x_i, x_i) (default: when `y_neg is x`). Returns V
+    (..., N, D). The toy notebook's compute_drift is this with kernel_norm="both", y_neg = x.
+    """
+    x, y_pos, y_neg = x.float(), y_pos.float(), y_neg.float()
+    if mask_self is None:
+        mask_self = y_neg is x
+    P = y_pos.shape[-2]
+    y = torch.cat([y_neg, y_pos], dim=-2)                            # (.., M, D), M = Q + P
+    dist = torch.cdist(x, y)                                         # (.., N, M)
+    if mask_self:                                                    # k(x_i, x_i) -> 0
+        N = x.shape[-2]
+        eye = torch.eye(N, y.shape[-2], device=x.device, dtype=torch.bool)
+        dist = dist.masked_fill(eye, 1e6)                            # the notebook's value
+    A = _log_affinity(-dist / tau, P, kernel_norm).exp()             # (.., N, M)
+    return _cross_weight(A, P) @ y                                   # (.., N, D)  Eq. (11)
+
+
+# ------------------------------------------------------------------------------------------
+# The official drift loss (App. A.6, A.7; drift_loss.py)
+# ------------------------------------------------------------------------------------------
+def _cdist(x, y, eps=1e-8):
+    """Euclidean distances via the dot-product expansion, clipped at sqrt(eps) as official."""
+    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.mT
+    return sq.clamp_min(eps).sqrt()
+
+
+def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
+               taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None):
+    """The official drift loss. Returns (loss (B,), info).
+
+    gen (B, C_g, S) generated features (with grad); pos (B, C_p, S); neg (B, C_n, S) or None
+    (unconditional negatives for CFG, Sec. 3.5); w_* (B, C_*) per-target kernel weights
+    (default 1; for CFG w_neg = (alpha - 1)(C_g - 1) / C_n, App. A.7).
+    taus: temperatures; one normalized field per tau, summed (App. A.6, "R_list" officially).
+    kernel_norm: see `_log_affinity` ("both" is official). floor: the official lower bound
+    on softmax_row * softmax_col (every affinity >= sqrt(floor)); 0 disables it.
+    all_reduce: optional callable summing a tensor over ranks (e.g. dist.all_reduce wrapped to
+    return its input). `scale` and the per-tau force RMS are means over ALL rows of the group,
+    so a group split over ranks (or chunks) must reduce them to equal the single-process loss.
+
+    info: `scale` (mean weighted distance) and `loss_{tau}`: mean(V_tau^2) BEFORE force
+    normalization. That number shrinks as q -> p; the loss itself stays ~constant (App. A.6).
+    """
+    # NOTE: the official code casts to float32 too; softmax over distances breaks in bf16.
+    with torch.autocast(device_type=gen.device.type, enabled=False):
+        gen, pos = gen.float(), pos.float()
+        B, C_g, S = gen.shape
+        if neg is None:
+            neg = gen.new_zeros(B, 0, S)
+        neg = neg.float()
+        ones = lambda t: t.new_ones(t.shape[:2])
+        w_gen = ones(gen) if w_gen is None else w_gen.float()
+        w_pos = ones(pos) if w_pos is None else w_pos.float()
+        w_neg = ones(neg) if w_neg is None else w_neg.float()
+        reduce = all_reduce if all_reduce is not None else (lambda t: t)
+
+        with torch.no_grad():
+            goal, s_in, info = _goal(gen.detach(), pos, neg, w_gen, w_pos, w_neg,
+                                     taus, kernel_norm, floor, reduce)
+        # Eq. (6) in normalized coordinates: the target is a constant, the gradient flows
+        # only through gen / s_in, so grad = 2 (gen / s_in - goal) / (s_in * C_g * S).
+        loss = ((gen / s_in - goal) ** 2).mean(dim=(-1, -2))         # (B,)
+    return loss, info
+
+
+def _goal(x, pos, neg, w_gen, w_pos, w_neg, taus, kernel_norm, floor, reduce):
+    """Stop-gradient part: normalized target `goal` (B, C_g, S), input scale, info dict."""
+    B, C_g, S = x.shape
+    C_p = pos.shape[1]
+    y = torch.cat([x, neg, pos], dim=1)                              # (B, M, S) targets
+    w = torch.cat([w_gen, w_neg, w_pos], dim=1)                      # (B, M)
+
+    # Feature normalization (Eq. 18-22): one scalar per group over all rows, so that the mean
+    # weighted distance is 1; coordinates are scaled so it is sqrt(S) (i.e. tau_j = tau sqrt(S)).
+    dist = _cdist(x, y)                                              # (B, C_g, M)
+    stats = reduce(torch.stack([(dist * w[:, None, :]).sum(), w.sum(),
+                                dist.new_tensor(float(B))]))
+    scale = stats[0] / (C_g * stats[1])                              # mean(w d) / mean(w)
+    s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
+    x_n, y_n = x / s_in, y / s_in                                    # (B, C_g, S), (B, M, S)
+    d_n = dist / scale.clamp_min(1e-3)                               # (B, C_g, M), mean ~1
+    # Self-mask: +100 on the normalized gen-gen diagonal (official; the notebook adds 1e6).
+    d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
+
+    forces, info = [], {"scale": scale}
+    for tau in taus:
+        logA = _log_affinity(-d_n / tau, C_p, kernel_norm)          # (B, C_g, M)
+        if floor > 0 and kernel_norm != "none":
+            logA = logA.clamp_min(0.5 * math.log(floor))             # sqrt(max(p, floor))
+        A = logA.exp() * w[:, None, :]                               # CFG weights after norm
+        R = _cross_weight(A, C_p)                                    # (B, C_g, M)
+        # sum_j R_ij (y_j - x_i): the coefficient sum is 0 up to rounding, kept as official.
+        V = R @ y_n - R.sum(-1, keepdim=True) * x_n                  # (B, C_g, S)
+        forces.append(V)
+    # Drift normalization (Eq. 23-25): each tau's field scaled to unit mean square, then summed.
+    sq = reduce(torch.stack([(V ** 2).sum() for V in forces]))
+    V_total = torch.zeros_like(x_n)
+    for tau, V, V2 in zip(taus, forces, sq / (stats[2] * C_g * S)):
+        info[f"loss_{tau}"] = V2
+        V_total += V / V2.clamp_min(1e-8).sqrt()
+    return x_n + V_total, s_in, info
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    y = torch.randn(512, 2) * 0.3 + torch.tensor([1.0, 0.0])        # data p
+    x = torch.randn(512, 2) * 0.3 - torch.tensor([1.0, 0.0])        # generated q
+    V = drift_field(x, y, x, tau=0.2)
+    print(f"drift_field: mean V = {V.mean(0).tolist()} (points right, toward p)")
+    print(f"p = q: |V| = {drift_field(y, y, y.clone(), mask_self=False).abs().max():.2e}")
+    gen = torch.randn(4, 16, 8, requires_grad=True)
+    loss, info = drift_loss(gen, torch.randn(4, 16, 8) + 1.0)
+    loss.sum().backward()
+    print("drift_loss:", loss.detach().numpy().round(3), {k: f"{v:.3g}" for k, v in info.items()})

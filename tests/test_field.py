@@ -1,0 +1,230 @@
+"""Tests of field.py: golden parity with the official JAX drift_loss, and the paper's claims."""
+import glob
+import json
+import math
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from field import drift_field, drift_loss
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+CASES = sorted(glob.glob(os.path.join(FIXTURES, "drift_*.safetensors")))
+
+
+def rel_err(a, b):
+    """The golden README's metric: max|a - b| / max|b| per tensor."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_all_golden_cases_present():
+    """The 7 official cases a-g are all copied into tests/fixtures (none silently skipped)."""
+    names = [os.path.basename(c)[6:7] for c in CASES]
+    assert names == list("abcdefg")
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: os.path.basename(p)[6:-12])
+def test_drift_loss_matches_official(path):
+    """loss, every info entry and d(sum loss)/d(gen) equal the official JAX drift_loss."""
+    t = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    taus = tuple(json.loads(meta["R_list"]))                       # config order, e.g. case f
+    gen = t["gen"].clone().requires_grad_(True)
+    loss, info = drift_loss(gen, t["fixed_pos"], t.get("fixed_neg"), t.get("weight_gen"),
+                            t.get("weight_pos"), t.get("weight_neg"), taus=taus)
+    loss.sum().backward()
+
+    assert rel_err(loss.detach(), t["loss"]) < 1e-4
+    expected_info = {k[5:] for k in t if k.startswith("info/")}
+    assert set(info) == expected_info
+    for k, v in info.items():
+        assert rel_err(v.reshape(1), t[f"info/{k}"]) < 1e-4, k
+    grad_tol = 1e-3 if meta["case"] in ("e_scale1e3", "g_tiny1e-4") else 1e-4
+    assert rel_err(gen.grad, t["grad_gen"]) < grad_tol
+
+
+@pytest.mark.parametrize("kernel_norm", ["both", "y", "none", "per_set"])
+def test_field_antisymmetric(kernel_norm):
+    """Prop. 3.1: V_{p,q}(x) = -V_{q,p}(x), for every kernel normalization."""
+    g = torch.Generator().manual_seed(0)
+    x, p, q = (torch.randn(n, 3, generator=g) for n in (20, 30, 25))
+    V_pq = drift_field(x, p, q, tau=0.5, kernel_norm=kernel_norm)
+    V_qp = drift_field(x, q, p, tau=0.5, kernel_norm=kernel_norm)
+    assert V_pq.abs().max() > 1e-3                                   # a real, nonzero field
+    torch.testing.assert_close(V_pq, -V_qp, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_norm", ["both", "y", "none", "per_set"])
+def test_field_zero_at_equilibrium(kernel_norm):
+    """p = q => V = 0: with identical positive and negative sets the pull and push cancel."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 2, generator=g), torch.randn(50, 2, generator=g)
+    V = drift_field(x, y, y.clone(), tau=0.3, kernel_norm=kernel_norm)
+    # A different negative set gives a clearly nonzero field (so the check can fail); the
+    # equilibrium field is zero up to float rounding relative to that magnitude.
+    V_off = drift_field(x, y, y + 0.5, tau=0.3, kernel_norm=kernel_norm)
+    assert V_off.abs().max() > 1e-2
+    assert V.abs().max() < 1e-5 * V_off.abs().max()
+
+
+def test_seed_000_worked_example():
+    """The worked numbers of seed 000 (three clean points, three generated, tau = 0.5).
+
+    That example normalizes V+ over the clean points and V- over the other generated points
+    separately (Eq. 8-11 as written): kernel_norm="per_set" with the self term masked.
+    The expected values are recomputed here by hand from the example's formulas.
+    """
+    clean = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.0, -1.0]])
+    gen = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5]])
+    tau = 0.5
+
+    def mean_shift(x, ys):                                           # the seed's V+ / V-
+        k = [math.exp(-math.dist(x, y) / tau) for y in ys]
+        return [sum(ki * (y[d] - x[d]) for ki, y in zip(k, ys)) / sum(k) for d in range(2)]
+
+    pts = gen.tolist()
+    expected = []
+    for i, x in enumerate(pts):
+        vp, vm = mean_shift(x, clean.tolist()), mean_shift(x, pts[:i] + pts[i + 1:])
+        expected.append([vp[0] - vm[0], vp[1] - vm[1]])
+    V = drift_field(gen, clean, gen, tau=tau, kernel_norm="per_set")
+    torch.testing.assert_close(V, torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    # gen[0] = (0.5, 0): V+ = (-0.1692, 0.1128), V- = (-0.6788, 0.3212), V = (0.5096, -0.2084)
+    torch.testing.assert_close(V[0], torch.tensor([0.50964, -0.20843]), atol=1e-4, rtol=0)
+
+
+def test_notebook_form():
+    """kernel_norm="both" equals the toy notebook's raw-kernel k / sqrt(rowsum * colsum) form."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 2, generator=g), torch.randn(40, 2, generator=g) + 1
+    tau = 0.3
+    t = torch.cat([x, y])
+    dist = torch.cdist(x, t)
+    dist[:, :30].fill_diagonal_(1e6)
+    k = (-dist / tau).exp()
+    k = k / (k.sum(-1, keepdim=True) * k.sum(-2, keepdim=True)).sqrt()
+    V_ref = (k[:, 30:] * k[:, :30].sum(-1, keepdim=True)) @ y \
+        - (k[:, :30] * k[:, 30:].sum(-1, keepdim=True)) @ x
+    torch.testing.assert_close(drift_field(x, y, x, tau=tau), V_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_field_fixed_point_loss_value_is_V_squared():
+    """Eq. (6): with the target stop-gradient(x + V), the loss value is ||V||^2 and its
+    gradient w.r.t. x is -2V/N per element (the field drives the update)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 2, generator=g).requires_grad_(True)
+    y = torch.randn(64, 2, generator=g) + 2.0
+    xd = x.detach()
+    V = drift_field(xd, y, xd, tau=0.5)
+    loss = F.mse_loss(x, (x + V).detach())
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), (V ** 2).mean())
+    torch.testing.assert_close(x.grad, -2 * V / V.numel())
+
+
+def test_no_gradient_into_targets():
+    """Real features are under stop-gradient: pos and neg get no gradient, gen does."""
+    g = torch.Generator().manual_seed(4)
+    gen = torch.randn(3, 8, 4, generator=g).requires_grad_(True)
+    pos = torch.randn(3, 6, 4, generator=g).requires_grad_(True)
+    neg = torch.randn(3, 2, 4, generator=g).requires_grad_(True)
+    loss, _ = drift_loss(gen, pos, neg)
+    loss.sum().backward()
+    assert pos.grad is None and neg.grad is None
+    assert gen.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("c", [1e-4, 1e-2, 1.0, 1e2, 1e4])
+def test_drift_loss_finite_and_scale_invariant(c):
+    """No NaN/inf for inputs scaled 1e-4..1e4; above the 1e-3 clip the loss and info/loss_tau
+    do not depend on the input scale (feature normalization, App. A.6)."""
+    g = torch.Generator().manual_seed(5)
+    gen, pos, neg = (torch.randn(2, n, 16, generator=g) for n in (12, 10, 4))
+    base, base_info = drift_loss(gen, pos, neg)
+    gen_c = (gen * c).requires_grad_(True)
+    loss, info = drift_loss(gen_c, pos * c, neg * c)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(gen_c.grad).all()
+    assert all(torch.isfinite(v) for v in info.values())
+    if c >= 1e-2:  # s / sqrt(S) > 1e-3: no clip active
+        torch.testing.assert_close(loss, base, rtol=1e-4, atol=0)
+        torch.testing.assert_close(info["loss_0.05"], base_info["loss_0.05"], rtol=1e-4, atol=0)
+
+
+def test_drift_field_tiny_tau_is_finite():
+    """With d/tau in the thousands every raw exp(-d/tau) underflows to 0: the notebook's
+    raw-kernel normalization then returns V = 0 (and 0/0 without its clamp). The log-space
+    softmax keeps the field: here x0 is pulled to y0 = (3, 0) and pushed from x1 = (-3, 0)."""
+    x = torch.tensor([[0.0, 0.0], [-3.0, 0.001]])
+    y = torch.tensor([[3.0, 0.0], [40.0, 40.0]])
+    V = drift_field(x, y, x, tau=1e-3)                               # d/tau ~ 3000..60000
+    assert torch.isfinite(V).all()
+    torch.testing.assert_close(V[0], torch.tensor([3.0, 0.0]), atol=1e-3, rtol=0)
+    assert (-torch.cdist(x, y) / 1e-3).exp().max() == 0             # the raw kernel is gone
+    for kernel_norm in ("y", "none", "per_set"):
+        assert torch.isfinite(drift_field(x, y, x, tau=1e-3, kernel_norm=kernel_norm)).all()
+
+
+def test_bf16_inputs_under_autocast_compute_in_float32():
+    """Called under bf16 autocast with bf16 inputs, the loss is float32 and equals the float32
+    computation on the same (bf16-rounded) values."""
+    g = torch.Generator().manual_seed(6)
+    gen, pos = torch.randn(2, 8, 16, generator=g), torch.randn(2, 8, 16, generator=g)
+    gen16, pos16 = gen.bfloat16(), pos.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = drift_loss(gen16, pos16)
+    loss32, _ = drift_loss(gen16.float(), pos16.float())
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32)
+
+
+def test_kernel_norm_switch():
+    """The Tab. 11 ablation switch changes the field; an unknown value is a clear error."""
+    g = torch.Generator().manual_seed(7)
+    gen, pos = torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g)
+    losses = {k: drift_loss(gen, pos, kernel_norm=k)[0] for k in ("both", "y", "none")}
+    assert not torch.allclose(losses["both"], losses["y"])
+    assert not torch.allclose(losses["both"], losses["none"])
+    with pytest.raises(ValueError, match="kernel_norm"):
+        drift_loss(gen, pos, kernel_norm="rows")
+
+
+def test_all_reduce_split_equals_whole():
+    """A group split over two "ranks" whose statistics are summed by all_reduce gives exactly
+    the rows of the single-process loss (scale and force RMS are means over ALL rows)."""
+    g = torch.Generator().manual_seed(8)
+    gen, pos, neg = (torch.randn(6, n, 8, generator=g) for n in (10, 12, 3))
+    w_neg = torch.rand(6, 3, generator=g) * 3
+    whole, whole_info = drift_loss(gen, pos, neg, w_neg=w_neg)
+
+    barrier, box, out = threading.Barrier(2), {}, {}
+
+    def fake_all_reduce(rank):
+        def reduce(t):
+            box[rank] = t
+            barrier.wait()
+            total = box[0] + box[1]
+            barrier.wait()
+            return total
+        return reduce
+
+    def worker(rank, rows):
+        out[rank] = drift_loss(gen[rows], pos[rows], neg[rows], w_neg=w_neg[rows],
+                               all_reduce=fake_all_reduce(rank))
+
+    threads = [threading.Thread(target=worker, args=(r, slice(3 * r, 3 * r + 3)))
+               for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), whole)
+    for k in whole_info:
+        torch.testing.assert_close(out[1][1][k], whole_info[k])
+    # Without the reduction each half normalizes by its own statistics: a different loss.
+    alone, _ = drift_loss(gen[:3], pos[:3], neg[:3], w_neg=w_neg[:3])
+    assert not torch.allclose(alone, whole[:3])
