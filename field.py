@@ -26,13 +26,16 @@ import torch
 # Names follow the official drift_loss.py so the two can be read side by side.
 
 KERNEL_NORMS = ("both", "y", "none", "per_set")
+CHUNK_BYTES = 2 ** 21          # ~one (rows, C_g, M) float32 work buffer per chunk: stays in cache
+MEMORY_BUDGET = 2 ** 31        # bytes drift_loss may keep across its passes before recomputing
 
 
 # ------------------------------------------------------------------------------------------
 # Kernel affinities
 # ------------------------------------------------------------------------------------------
 def _log_affinity(logits, n_pos, kernel_norm):
-    """log A from kernel logits l = -dist/tau, (..., N, M), with the last n_pos columns positive.
+    """log A from kernel logits l = -dist/tau, (..., N, M), with the last n_pos columns
+    positive.
 
     "both"    (default): A = sqrt(softmax_j(l) * softmax_i(l)) = k_ij / sqrt(R_i C_j)  (Eq. 17)
     "y"       : softmax over targets only (Tab. 11 "softmax over y")
@@ -41,16 +44,17 @@ def _log_affinity(logits, n_pos, kernel_norm):
     Done in log space: with d/tau in the thousands every exp(l) underflows to 0 and a raw-kernel
     normalization would return 0/0; log-sum-exp does not.
     """
-    lse = lambda t, dim: torch.logsumexp(t, dim=dim, keepdim=True)
+    # (log_softmax is one fused kernel; logsumexp is several passes over the tensor)
     if kernel_norm == "both":
-        return logits - 0.5 * lse(logits, -1) - 0.5 * lse(logits, -2)
+        return torch.log_softmax(logits, -1).add_(torch.log_softmax(logits, -2)).mul_(0.5)
     if kernel_norm == "y":
-        return logits - lse(logits, -1)
+        return torch.log_softmax(logits, -1)
     if kernel_norm == "none":
         return logits
     if kernel_norm == "per_set":
-        neg, pos = logits[..., :-n_pos], logits[..., -n_pos:]
-        return torch.cat([neg - lse(neg, -1), pos - lse(pos, -1)], dim=-1)
+        n = logits.shape[-1] - n_pos
+        neg, pos = logits.split([n, n_pos], dim=-1)
+        return torch.cat([torch.log_softmax(neg, -1), torch.log_softmax(pos, -1)], dim=-1)
     raise ValueError(f"kernel_norm={kernel_norm!r}: expected one of {KERNEL_NORMS}")
 
 
@@ -87,7 +91,7 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None):
     dist = torch.cdist(x, y)                                         # (.., N, M)
     if mask_self:                                                    # k(x_i, x_i) -> 0
         dist[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).fill_(1e6)  # the notebook's
-    A = _log_affinity(dist.mul_(-1.0 / tau), P, kernel_norm).exp_()  # (.., N, M)
+    A = _log_affinity(dist.mul_(-1.0 / tau), P, kernel_norm).exp_() # (.., N, M)
     return _mean_shift(A, y, P)                                      # (.., N, D)  Eq. (11)
 
 
@@ -96,12 +100,13 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None):
 # ------------------------------------------------------------------------------------------
 def _cdist(x, y, eps=1e-8):
     """Euclidean distances via the dot-product expansion, clipped at sqrt(eps) as official."""
-    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.mT
-    return sq.clamp_min(eps).sqrt()
+    sq = torch.baddbmm((x * x).sum(-1, keepdim=True), x, y.mT, alpha=-2)   # |x|^2 - 2 x.y
+    return sq.add_((y * y).sum(-1)[:, None, :]).clamp_min_(eps).sqrt_()     # (B, C_g, M)
 
 
 def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
-               taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None):
+               taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None,
+               chunk_rows=None, memory_budget=MEMORY_BUDGET):
     """The official drift loss. Returns (loss (B,), info).
 
     gen (B, C_g, S) generated features (with grad); pos (B, C_p, S); neg (B, C_n, S) or None
@@ -112,7 +117,11 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     on softmax_row * softmax_col (every affinity >= sqrt(floor)); 0 disables it.
     all_reduce: optional callable summing a tensor over ranks (e.g. dist.all_reduce wrapped to
     return its input). `scale` and the per-tau force RMS are means over ALL rows of the group,
-    so a group split over ranks (or chunks) must reduce them to equal the single-process loss.
+    so a group split over ranks must reduce them to equal the single-process loss.
+    chunk_rows: rows per chunk of the (rows, C_g, M) work (default: sized to stay in cache).
+    memory_budget: bytes the loss may keep between its passes (distances and forces of all
+    rows); above it nothing is kept and each chunk is recomputed per pass: same loss, bounded
+    memory, about twice the compute.
 
     info: `scale` (mean weighted distance) and `loss_{tau}`: mean(V_tau^2) BEFORE force
     normalization. That number shrinks as q -> p; the loss itself stays ~constant (App. A.6).
@@ -121,60 +130,100 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     with torch.autocast(device_type=gen.device.type, enabled=False):
         gen, pos = gen.float(), pos.float()
         B, C_g, S = gen.shape
-        if neg is None:
-            neg = gen.new_zeros(B, 0, S)
-        neg = neg.float()
-        ones = lambda t: t.new_ones(t.shape[:2])
-        w_gen = ones(gen) if w_gen is None else w_gen.float()
-        w_pos = ones(pos) if w_pos is None else w_pos.float()
-        w_neg = ones(neg) if w_neg is None else w_neg.float()
-        reduce = all_reduce if all_reduce is not None else (lambda t: t)
-
+        neg = gen.new_zeros(B, 0, S) if neg is None else neg.float()
+        if all(w is None for w in (w_gen, w_pos, w_neg)):
+            w = None                                                 # all ones: skip the mul
+        else:
+            ones = lambda t: t.new_ones(t.shape[:2])
+            w = torch.cat([ones(gen) if w_gen is None else w_gen.float(),
+                           ones(neg) if w_neg is None else w_neg.float(),
+                           ones(pos) if w_pos is None else w_pos.float()], dim=1)  # (B, M)
         with torch.no_grad():
-            goal, s_in, info = _goal(gen.detach(), pos, neg, w_gen, w_pos, w_neg,
-                                     taus, kernel_norm, floor, reduce)
+            goal, s_in, info = _goal(gen.detach(), pos, neg, w, taus, kernel_norm, floor,
+                                     all_reduce or (lambda t: t), chunk_rows, memory_budget)
         # Eq. (6) in normalized coordinates: the target is a constant, the gradient flows
         # only through gen / s_in, so grad = 2 (gen / s_in - goal) / (s_in * C_g * S).
         loss = ((gen / s_in - goal) ** 2).mean(dim=(-1, -2))         # (B,)
     return loss, info
 
 
-def _goal(x, pos, neg, w_gen, w_pos, w_neg, taus, kernel_norm, floor, reduce):
-    """Stop-gradient part: normalized target `goal` (B, C_g, S), input scale, info dict."""
-    B, C_g, S = x.shape
-    C_p = pos.shape[1]
-    y = torch.cat([x, neg, pos], dim=1)                              # (B, M, S) targets
-    w = torch.cat([w_gen, w_neg, w_pos], dim=1)                      # (B, M)
-
-    # Feature normalization (Eq. 18-22): one scalar per group over all rows, so that the mean
-    # weighted distance is 1; coordinates are scaled so it is sqrt(S) (i.e. tau_j = tau sqrt(S)).
-    dist = _cdist(x, y)                                              # (B, C_g, M)
-    stats = reduce(torch.stack([(dist * w[:, None, :]).sum(), w.sum(),
-                                dist.new_tensor(float(B))]))
-    scale = stats[0] / (C_g * stats[1])                              # mean(w d) / mean(w)
-    s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
-    x_n, y_n = x / s_in, y / s_in                                    # (B, C_g, S), (B, M, S)
-    d_n = dist / scale.clamp_min(1e-3)                               # (B, C_g, M), mean ~1
-    # Self-mask: +100 on the normalized gen-gen diagonal (official; the notebook adds 1e6).
-    d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
-
-    forces, info = [], {"scale": scale}
-    for tau in taus:
-        logA = _log_affinity(-d_n / tau, C_p, kernel_norm)          # (B, C_g, M)
+def _forces(d_n, y, w, C_p, taus, kernel_norm, floor):
+    """Normalized distances d_n (r, C_g, M), targets y (r, M, S), weights w (r, M) or None
+    -> V_tau for each tau, stacked (T, r, C_g, S), in the units of y. Works in place on one
+    (r, C_g, M) buffer per tau: this is the part of the loss that is not matrix products."""
+    r, C_g, M = d_n.shape
+    V = y.new_empty(len(taus), r, C_g, y.shape[-1])                 # (T, r, C_g, S)
+    for t, tau in enumerate(taus):
+        A = _log_affinity(d_n * (-1.0 / tau), C_p, kernel_norm)    # (r, C_g, M) log A
         if floor > 0 and kernel_norm != "none":
-            logA = logA.clamp_min(0.5 * math.log(floor))             # sqrt(max(p, floor))
-        A = logA.exp() * w[:, None, :]                               # CFG weights after norm
-        # NOTE: official code forms R = [-W_neg, W_pos] and computes R y - (sum_j R_ij) x,
-        # whose coefficient sum is 0 up to rounding; our factored form is the same sum with
-        # the x term exactly 0 (differences ~1e-7 relative, inside the golden tolerance).
-        forces.append(_mean_shift(A, y_n, C_p))                      # (B, C_g, S)
-    # Drift normalization (Eq. 23-25): each tau's field scaled to unit mean square, then summed.
-    sq = reduce(torch.stack([(V ** 2).sum() for V in forces]))
-    V_total = torch.zeros_like(x_n)
-    for tau, V, V2 in zip(taus, forces, sq / (stats[2] * C_g * S)):
-        info[f"loss_{tau}"] = V2
-        V_total += V / V2.clamp_min(1e-8).sqrt()
-    return x_n + V_total, s_in, info
+            A.clamp_min_(0.5 * math.log(floor))                     # sqrt(max(p, floor))
+        A.exp_()
+        if w is not None:
+            A.mul_(w[:, None, :])                                    # CFG weights after norm
+        # Alg. 2 step 5 as signed coefficients R = [-S_pos A_neg, S_neg A_pos] (rows sum to 0)
+        A_neg, A_pos = A[..., :-C_p], A[..., -C_p:]
+        S_neg, S_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)
+        A_neg.mul_(-S_pos)
+        A_pos.mul_(S_neg)
+        # NOTE: official code computes R y - (sum_j R_ij) x; the coefficient sum is 0 up to
+        # rounding, so we drop that term (~1e-7 relative, well inside the golden tolerance).
+        torch.bmm(A, y, out=V[t])                                    # (r, C_g, S)
+    return V
+
+
+def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_budget):
+    """Stop-gradient part: normalized target `goal` (B, C_g, S), input scale, info dict.
+
+    Three passes over chunks of rows, because two statistics are means over ALL rows (and
+    ranks): 1. the feature scale, 2. the per-tau force RMS (it needs the scale), 3. the goal
+    (it needs both). Between passes the distances and forces are kept when they fit in
+    `memory_budget`, and recomputed chunk by chunk otherwise."""
+    B, C_g, S = x.shape
+    C_p, M, T = pos.shape[1], C_g + neg.shape[1] + pos.shape[1], len(taus)
+    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * C_g * M))
+    chunks = [slice(i, min(i + chunk, B)) for i in range(0, B, chunk)]
+    keep = 4 * B * C_g * (M + T * S) <= memory_budget
+    y_of = lambda r: torch.cat([x[r], neg[r], pos[r]], dim=1)       # (r, M, S) targets
+    w_of = lambda r: None if w is None else w[r]
+
+    # Pass 1. Feature normalization (Eq. 18-22): one scalar per group over all rows so that
+    # the mean weighted distance is 1; coordinates scaled so it is sqrt(S) (tau_j = tau sqrt S).
+    acc, dists = x.new_zeros(2), []
+    for r in chunks:
+        d = _cdist(x[r], y_of(r))                                    # (r, C_g, M)
+        wd = d.sum() if w is None else (d * w[r, None, :]).sum()
+        acc += torch.stack([wd, d.new_tensor(C_g * M * (r.stop - r.start)) if w is None
+                            else C_g * w[r].sum()])
+        dists.append(d if keep else None)
+    stats = reduce(torch.cat([acc, x.new_tensor([B])]))              # sum over ranks
+    scale = stats[0] / stats[1]                                      # mean(w d) / mean(w)
+    s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
+
+    def forces(i, r):                                                # (T, r, C_g, S) / s_in
+        d = dists[i] if keep else _cdist(x[r], y_of(r))
+        d_n = d / scale.clamp_min(1e-3)                              # (r, C_g, M), mean ~1
+        # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
+        d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
+        return _forces(d_n, y_of(r), w_of(r), C_p, taus, kernel_norm, floor).div_(s_in)
+
+    # Pass 2. Drift normalization (Eq. 23-25): mean square of each tau's field, all rows.
+    sq, kept = x.new_zeros(T), []
+    for i, r in enumerate(chunks):
+        V = forces(i, r)
+        sq += V.pow(2).sum(dim=(1, 2, 3))
+        kept.append(V if keep else None)
+        dists[i] = None                                              # free as we go
+    V2 = reduce(sq) / (stats[2] * C_g * S)                           # (T,) mean(V_tau^2)
+    info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
+
+    # Pass 3. Goal = x + sum_tau V_tau / sqrt(mean V_tau^2), in normalized coordinates.
+    inv = V2.clamp_min(1e-8).rsqrt()[:, None, None, None]           # (T, 1, 1, 1)
+    goal = torch.empty_like(x)                                       # (B, C_g, S)
+    for i, r in enumerate(chunks):
+        V = kept[i] if keep else forces(i, r)
+        kept[i] = None
+        goal[r] = x[r] / s_in + (V * inv).sum(0)
+    return goal, s_in, info
 
 
 if __name__ == "__main__":
