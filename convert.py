@@ -3,17 +3,25 @@ Convert the official JAX release artifacts (lambertae/drifting) into our checkpo
 
 An official artifact is a folder with `ema_params.msgpack` (flax.serialization.msgpack_serialize
 of the bare parameter tree) and `metadata.json` (`kind`, `model_config`, ...). We read the
-msgpack with the plain `msgpack` package (no JAX / flax needed) and rename the flax leaves to
-our PyTorch state_dict names.
+msgpack with the plain `msgpack` package (no JAX / flax needed), rename the flax leaves to
+our PyTorch state_dict names and write `OUT/model.safetensors` with our config as JSON in its
+metadata, so `models.load_checkpoint(OUT)` rebuilds the model from that file alone.
 
     python convert.py --artifact path/to/gen_artifact --out runs/official_L2
+    python convert.py --artifact flat_params.safetensors --kind gen --out runs/x  # flat names
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770.
 """
+import argparse
 import json
 import os
 
 import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from models import DriftDiT, save_checkpoint
 
 # ------------------------------------------------------------------------------------------
 # Reading flax msgpack without flax
@@ -99,3 +107,154 @@ def read_artifact(folder):
     with open(meta_path) as f:
         meta = json.load(f)
     return meta, read_flax_msgpack(os.path.join(folder, "ema_params.msgpack"))
+
+
+def read_flat_safetensors(path, kind=None):
+    """A flat {'a/b/kernel': array} .safetensors file (as tests/fixtures/gen_params.safetensors)
+    -> (metadata, flat), the same pair as read_artifact. `model_config` comes from the file's
+    metadata (JSON); `kind` from the argument, else from the metadata."""
+    with safe_open(path, "np") as f:
+        file_meta = f.metadata() or {}
+    if "model_config" not in file_meta:
+        raise ValueError(f"{path}: no model_config in the safetensors metadata")
+    meta = {"kind": kind or file_meta.get("kind"),
+            "model_config": json.loads(file_meta["model_config"])}
+    return meta, load_file(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Generator (kind "gen"): official DitGen -> our DriftDiT
+# ------------------------------------------------------------------------------------------
+# Official model_config keys (train._generator_model_config) by what we do with them.
+_GEN_SAME = ("input_size", "in_channels", "out_channels", "patch_size", "hidden_size", "depth",
+             "num_heads", "mlp_ratio", "cond_dim", "num_classes", "n_cls_tokens",
+             "noise_classes", "noise_coords", "attn_fp32")
+_GEN_RENAMED = {"use_remat": "grad_checkpoint"}
+_GEN_MUST_BE_TRUE = ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm")  # all released
+_GEN_DROPPED = ("use_bf16",)  # precision is the caller's torch.autocast, not a model property
+
+
+def gen_config_from_official(model_config):
+    """Official DitGen model_config -> a dict for DriftDiTConfig. Raises on anything else."""
+    cfg = {}
+    for key, val in model_config.items():
+        if key in _GEN_SAME:
+            cfg[key] = val
+        elif key in _GEN_RENAMED:
+            cfg[_GEN_RENAMED[key]] = bool(val)
+        elif key in _GEN_MUST_BE_TRUE:
+            if val is not True:
+                raise ValueError(f"model_config {key}={val!r} is not supported: DriftDiT is the "
+                                 f"released architecture, which has {key}=True")
+        elif key not in _GEN_DROPPED:
+            raise ValueError(f"unknown generator model_config key {key!r} (value {val!r})")
+    missing = [k for k in _GEN_SAME + _GEN_MUST_BE_TRUE if k not in model_config]
+    if missing:
+        raise ValueError(f"generator model_config lacks {missing}")
+    return cfg
+
+
+def gen_name_map(depth, n_style):
+    """Our state_dict name -> official flat name. TorchLinear wraps one nn.Dense ('Dense_0')
+    whose kernel is [in, out], the transpose of nn.Linear.weight; Embed tables are as is."""
+    L, m = "LightningDiT_0/", {}
+
+    def dense(ours, theirs):
+        m[ours + ".weight"] = theirs + "/Dense_0/kernel"
+        m[ours + ".bias"] = theirs + "/Dense_0/bias"
+
+    m["y_embed.weight"] = "Embed_0/embedding"
+    for i in range(n_style):
+        m[f"style_embeds.{i}.weight"] = f"noise_embeds_{i}/embedding"
+    dense("alpha_mlp.0", "TimestepEmbedder_0/TorchLinear_0")
+    dense("alpha_mlp.2", "TimestepEmbedder_0/TorchLinear_1")
+    m["alpha_norm.weight"] = "RMSNorm_0/weight"
+    dense("x_embed", L + "TorchLinear_0")
+    m["pos_embed"] = L + "pos_embed"
+    dense("cls_proj", L + "TorchLinear_1")
+    m["cls_embed"] = L + "cls_embed"
+    for i in range(depth):
+        ours, b = f"blocks.{i}.", f"{L}blocks_{i}/"
+        m[ours + "norm1.weight"] = b + "RMSNorm_0/weight"
+        m[ours + "norm2.weight"] = b + "RMSNorm_1/weight"
+        dense(ours + "attn.qkv", b + "Attention_0/TorchLinear_0")
+        m[ours + "attn.q_norm.weight"] = b + "Attention_0/q_norm/weight"
+        m[ours + "attn.k_norm.weight"] = b + "Attention_0/k_norm/weight"
+        dense(ours + "attn.proj", b + "Attention_0/TorchLinear_1")
+        dense(ours + "mlp.w1", b + "SwiGLUFFN_0/TorchLinear_0")
+        dense(ours + "mlp.w3", b + "SwiGLUFFN_0/TorchLinear_1")
+        dense(ours + "mlp.w2", b + "SwiGLUFFN_0/TorchLinear_2")
+        dense(ours + "adaLN", b + "TorchLinear_0")
+    m["final.norm.weight"] = L + "FinalLayer_0/RMSNorm_0/weight"
+    dense("final.adaLN", L + "FinalLayer_0/TorchLinear_0")
+    dense("final.linear", L + "FinalLayer_0/TorchLinear_1")
+    return m
+
+
+def convert_gen(model_config, flat):
+    """Official (model_config, flat params) -> our DriftDiT holding those weights (eval mode)."""
+    cfg = gen_config_from_official(model_config)
+    try:
+        with torch.device("meta"):  # names and shapes only; the weights come from `flat`
+            model = DriftDiT.from_config(cfg)
+    except (AssertionError, TypeError, ValueError) as e:
+        raise ValueError(f"model_config {model_config} does not build a DriftDiT: {e}") from e
+    want = model.state_dict()
+    names = gen_name_map(model.cfg.depth, len(model.style_embeds))
+    assert set(names) == set(want), "gen_name_map out of sync with DriftDiT"
+    missing = [t for t in names.values() if t not in flat]
+    extra = sorted(set(flat) - set(names.values()))
+    if missing or extra:
+        raise ValueError(f"official generator tensors do not match model_config: "
+                         f"missing {missing}, unexpected {extra}")
+    sd = {}
+    for ours, theirs in names.items():
+        a = np.asarray(flat[theirs], dtype=np.float32)
+        a = a.T if theirs.endswith("/kernel") else a                    # [in, out] -> [out, in]
+        if tuple(a.shape) != tuple(want[ours].shape):
+            raise ValueError(f"official tensor {theirs} has shape {tuple(flat[theirs].shape)}; "
+                             f"our {ours} needs {tuple(want[ours].shape)} (after transposing "
+                             f"Dense kernels)")
+        sd[ours] = torch.from_numpy(np.array(a, order="C"))             # a writable copy
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch on metadata["kind"] and the command line
+# ------------------------------------------------------------------------------------------
+# kind -> (official (model_config, flat params) -> our module, writer of our weights file).
+# The MAE feature encoder ("mae") plugs in here next to encoder.py's loader.
+CONVERTERS = {"gen": (convert_gen, save_checkpoint)}
+
+
+def convert(meta, flat):
+    """(metadata, flat params) from read_artifact / read_flat_safetensors -> our module."""
+    kind = meta.get("kind")
+    if kind not in CONVERTERS:
+        raise ValueError(f"unknown artifact kind {kind!r}; convert.py knows {sorted(CONVERTERS)}")
+    if not meta.get("model_config"):
+        raise ValueError(f"artifact metadata has no model_config (kind {kind!r})")
+    return CONVERTERS[kind][0](meta["model_config"], flat)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="official JAX artifact -> OUT/model.safetensors")
+    parser.add_argument("--artifact", required=True,
+                        help="official folder (ema_params.msgpack + metadata.json), or a flat "
+                             ".safetensors with model_config in its metadata")
+    parser.add_argument("--kind", default=None, choices=sorted(CONVERTERS),
+                        help="model kind of a flat .safetensors (folders carry it in metadata)")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    args = parser.parse_args()
+    if os.path.isdir(args.artifact):
+        meta, flat = read_artifact(args.artifact)
+    else:
+        meta, flat = read_flat_safetensors(args.artifact, args.kind)
+    model = convert(meta, flat)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "model.safetensors")
+    CONVERTERS[meta["kind"]][1](model, path, source=os.path.abspath(args.artifact),
+                                official_metadata=json.dumps(meta))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{args.artifact} ({meta['kind']}, {n:,} params) -> {path}")
