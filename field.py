@@ -141,10 +141,31 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
         with torch.no_grad():
             goal, s_in, info = _goal(gen.detach(), pos, neg, w, taus, kernel_norm, floor,
                                      all_reduce or (lambda t: t), chunk_rows, memory_budget)
-        # Eq. (6) in normalized coordinates: the target is a constant, the gradient flows
-        # only through gen / s_in, so grad = 2 (gen / s_in - goal) / (s_in * C_g * S).
-        loss = ((gen / s_in - goal) ** 2).mean(dim=(-1, -2))         # (B,)
+        loss = _FixedPointLoss.apply(gen, goal, s_in)                # (B,)
     return loss, info
+
+
+class _FixedPointLoss(torch.autograd.Function):
+    """Eq. (6) in normalized coordinates: loss_b = mean_{i,s} (gen / s_in - goal)^2, with the
+    goal a constant (stop-gradient), so d loss_b / d gen = 2 (gen / s_in - goal) / (s_in C_g S).
+    Same numbers as `((gen / s_in - goal) ** 2).mean((-1, -2))`; written out so the residual
+    is built in the goal's buffer and becomes the gradient: autograd would hold two more
+    gen-sized tensors, and at paper scale one of those is gigabytes."""
+
+    @staticmethod
+    def forward(ctx, gen, goal, s_in):
+        res = goal.neg_().addcdiv_(gen, s_in)                        # (B, C_g, S), in place
+        ctx.save_for_backward(res, s_in)
+        C_g, S = res.shape[-2:]
+        # (vector_norm reduces without materializing res^2, another gen-sized tensor)
+        return torch.linalg.vector_norm(res, dim=(-1, -2)).square() / (C_g * S)   # (B,)
+
+    @staticmethod
+    def backward(ctx, grad_loss):                                    # grad_loss (B,)
+        res, s_in = ctx.saved_tensors
+        B, C_g, S = res.shape
+        scale = grad_loss[:, None, None] * (2.0 / (C_g * S)) / s_in  # (B, 1, 1)
+        return res.mul_(scale), None, None                           # the buffer, once more
 
 
 def _forces(d_n, y, w, C_p, taus, kernel_norm, floor):
@@ -201,7 +222,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
 
     def forces(i, r):                                                # (T, r, C_g, S) / s_in
         d = dists[i] if keep else _cdist(x[r], y_of(r))
-        d_n = d / scale.clamp_min(1e-3)                              # (r, C_g, M), mean ~1
+        d_n = d.div_(scale.clamp_min(1e-3))                          # (r, C_g, M), mean ~1
         # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
         d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
         return _forces(d_n, y_of(r), w_of(r), C_p, taus, kernel_norm, floor).div_(s_in)
@@ -210,19 +231,20 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     sq, kept = x.new_zeros(T), []
     for i, r in enumerate(chunks):
         V = forces(i, r)
-        sq += V.pow(2).sum(dim=(1, 2, 3))
+        sq += torch.linalg.vector_norm(V, dim=(1, 2, 3)).square()    # sum of squares per tau
         kept.append(V if keep else None)
         dists[i] = None                                              # free as we go
     V2 = reduce(sq) / (stats[2] * C_g * S)                           # (T,) mean(V_tau^2)
     info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
 
     # Pass 3. Goal = x + sum_tau V_tau / sqrt(mean V_tau^2), in normalized coordinates.
-    inv = V2.clamp_min(1e-8).rsqrt()[:, None, None, None]           # (T, 1, 1, 1)
-    goal = torch.empty_like(x)                                       # (B, C_g, S)
+    inv = V2.clamp_min(1e-8).rsqrt()                                 # (T,)
+    goal = torch.div(x, s_in)                                        # (B, C_g, S)
     for i, r in enumerate(chunks):
         V = kept[i] if keep else forces(i, r)
         kept[i] = None
-        goal[r] = x[r] / s_in + (V * inv).sum(0)
+        for t in range(T):
+            goal[r].addcmul_(V[t], inv[t])
     return goal, s_in, info
 
 
