@@ -26,7 +26,7 @@ import torch
 # Names follow the official drift_loss.py so the two can be read side by side.
 
 KERNEL_NORMS = ("both", "y", "none", "per_set")
-CHUNK_BYTES = 2 ** 21          # ~one (rows, C_g, M) float32 work buffer per chunk: stays in cache
+CHUNK_BYTES = 2 ** 22          # the (rows, T, C_g, M) float32 buffer of a chunk: stays in cache
 MEMORY_BUDGET = 2 ** 31        # bytes drift_loss may keep across its passes before recomputing
 
 
@@ -170,26 +170,25 @@ class _FixedPointLoss(torch.autograd.Function):
 
 def _forces(d_n, y, w, C_p, taus, kernel_norm, floor):
     """Normalized distances d_n (r, C_g, M), targets y (r, M, S), weights w (r, M) or None
-    -> V_tau for each tau, stacked (T, r, C_g, S), in the units of y. Works in place on one
-    (r, C_g, M) buffer per tau: this is the part of the loss that is not matrix products."""
+    -> V_tau for every tau, (r, T, C_g, S), in the units of y. All temperatures at once: one
+    (r, T, C_g, M) affinity tensor, worked on in place, and one matrix product."""
     r, C_g, M = d_n.shape
-    V = y.new_empty(len(taus), r, C_g, y.shape[-1])                 # (T, r, C_g, S)
-    for t, tau in enumerate(taus):
-        A = _log_affinity(d_n * (-1.0 / tau), C_p, kernel_norm)    # (r, C_g, M) log A
-        if floor > 0 and kernel_norm != "none":
-            A.clamp_min_(0.5 * math.log(floor))                     # sqrt(max(p, floor))
-        A.exp_()
-        if w is not None:
-            A.mul_(w[:, None, :])                                    # CFG weights after norm
-        # Alg. 2 step 5 as signed coefficients R = [-S_pos A_neg, S_neg A_pos] (rows sum to 0)
-        A_neg, A_pos = A[..., :-C_p], A[..., -C_p:]
-        S_neg, S_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)
-        A_neg.mul_(-S_pos)
-        A_pos.mul_(S_neg)
-        # NOTE: official code computes R y - (sum_j R_ij) x; the coefficient sum is 0 up to
-        # rounding, so we drop that term (~1e-7 relative, well inside the golden tolerance).
-        torch.bmm(A, y, out=V[t])                                    # (r, C_g, S)
-    return V
+    T = len(taus)
+    neg_inv_tau = d_n.new_tensor([-1.0 / tau for tau in taus])[:, None, None]   # (T, 1, 1)
+    A = _log_affinity(d_n[:, None] * neg_inv_tau, C_p, kernel_norm)  # (r, T, C_g, M) log A
+    if floor > 0 and kernel_norm != "none":
+        A.clamp_min_(0.5 * math.log(floor))                         # sqrt(max(p, floor))
+    A.exp_()
+    if w is not None:
+        A.mul_(w[:, None, None, :])                                  # CFG weights after norm
+    # Alg. 2 step 5 as signed coefficients R = [-S_pos A_neg, S_neg A_pos] (rows sum to 0)
+    A_neg, A_pos = A[..., :-C_p], A[..., -C_p:]
+    S_neg, S_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)
+    A_neg.mul_(-S_pos)
+    A_pos.mul_(S_neg)
+    # NOTE: official code computes R y - (sum_j R_ij) x; the coefficient sum is 0 up to
+    # rounding, so we drop that term (~1e-7 relative, well inside the golden tolerance).
+    return torch.bmm(A.view(r, T * C_g, M), y).view(r, T, C_g, -1)  # (r, T, C_g, S)
 
 
 def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_budget):
@@ -201,7 +200,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     `memory_budget`, and recomputed chunk by chunk otherwise."""
     B, C_g, S = x.shape
     C_p, M, T = pos.shape[1], C_g + neg.shape[1] + pos.shape[1], len(taus)
-    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * C_g * M))
+    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * T * C_g * M))
     chunks = [slice(i, min(i + chunk, B)) for i in range(0, B, chunk)]
     keep = 4 * B * C_g * (M + T * S) <= memory_budget
     y_of = lambda r: torch.cat([x[r], neg[r], pos[r]], dim=1)       # (r, M, S) targets
@@ -209,18 +208,20 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
 
     # Pass 1. Feature normalization (Eq. 18-22): one scalar per group over all rows so that
     # the mean weighted distance is 1; coordinates scaled so it is sqrt(S) (tau_j = tau sqrt S).
-    acc, dists = x.new_zeros(2), []
+    # Sums are taken per row, then accumulated in float64: the result does not depend on
+    # how rows are split into chunks or ranks (to ~1e-7, which small taus amplify).
+    acc, dists = x.new_zeros(2, dtype=torch.float64), []
     for r in chunks:
         d = _cdist(x[r], y_of(r))                                    # (r, C_g, M)
-        wd = d.sum() if w is None else (d * w[r, None, :]).sum()
-        acc += torch.stack([wd, d.new_tensor(C_g * M * (r.stop - r.start)) if w is None
-                            else C_g * w[r].sum()])
+        wd = d.sum((1, 2)) if w is None else (d * w[r, None, :]).sum((1, 2))   # (r,)
+        wsum = C_g * (w[r].sum(1) if w is not None else d.new_full((len(wd),), M))
+        acc += torch.stack([wd.double().sum(), wsum.double().sum()])
         dists.append(d if keep else None)
-    stats = reduce(torch.cat([acc, x.new_tensor([B])]))              # sum over ranks
-    scale = stats[0] / stats[1]                                      # mean(w d) / mean(w)
+    stats = reduce(torch.cat([acc, acc.new_tensor([B])]))            # sum over ranks
+    scale = (stats[0] / stats[1]).float()                            # mean(w d) / mean(w)
     s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
 
-    def forces(i, r):                                                # (T, r, C_g, S) / s_in
+    def forces(i, r):                                                # (r, T, C_g, S) / s_in
         d = dists[i] if keep else _cdist(x[r], y_of(r))
         d_n = d.div_(scale.clamp_min(1e-3))                          # (r, C_g, M), mean ~1
         # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
@@ -228,13 +229,13 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
         return _forces(d_n, y_of(r), w_of(r), C_p, taus, kernel_norm, floor).div_(s_in)
 
     # Pass 2. Drift normalization (Eq. 23-25): mean square of each tau's field, all rows.
-    sq, kept = x.new_zeros(T), []
+    sq, kept = x.new_zeros(T, dtype=torch.float64), []
     for i, r in enumerate(chunks):
-        V = forces(i, r)
-        sq += torch.linalg.vector_norm(V, dim=(1, 2, 3)).square()    # sum of squares per tau
+        V = forces(i, r)                                             # (r, T, C_g, S)
+        sq += torch.linalg.vector_norm(V, dim=(2, 3)).double().square().sum(0)   # (T,)
         kept.append(V if keep else None)
         dists[i] = None                                              # free as we go
-    V2 = reduce(sq) / (stats[2] * C_g * S)                           # (T,) mean(V_tau^2)
+    V2 = (reduce(sq) / (stats[2] * C_g * S)).float()                 # (T,) mean(V_tau^2)
     info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
 
     # Pass 3. Goal = x + sum_tau V_tau / sqrt(mean V_tau^2), in normalized coordinates.
@@ -244,7 +245,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
         V = kept[i] if keep else forces(i, r)
         kept[i] = None
         for t in range(T):
-            goal[r].addcmul_(V[t], inv[t])
+            goal[r].addcmul_(V[:, t], inv[t])
     return goal, s_in, info
 
 

@@ -234,8 +234,8 @@ def test_all_reduce_split_equals_whole():
 def test_chunked_equals_whole(chunk_rows, budget):
     """Chunking the rows (and, with a zero memory budget, recomputing each chunk per pass
     instead of keeping distances and forces) gives the whole computation's loss, info and
-    gradient to 1e-6 relative: the global scale and force RMS are reduced over all chunks.
-    (info sums come out in another order: 1e-5.)"""
+    gradient to 1e-6 relative: the global scale and force RMS are reduced over all chunks
+    (per-row sums accumulated in float64, so the split does not change them)."""
     g = torch.Generator().manual_seed(9)
     gen, pos, neg = (torch.randn(7, n, 16, generator=g) for n in (12, 10, 4))
     w_neg = torch.rand(7, 4, generator=g) * 2
@@ -251,4 +251,4 @@ def test_chunked_equals_whole(chunk_rows, budget):
     assert rel_err(part[0], whole[0]) < 1e-6
     assert rel_err(part[2], whole[2]) < 1e-6
     for k in whole[1]:
-        assert rel_err(part[1][k].reshape(1), whole[1][k].reshape(1)) < 1e-5
+        assert rel_err(part[1][k].reshape(1), whole[1][k].reshape(1)) < 1e-6
