@@ -26,7 +26,7 @@ import torch
 # Names follow the official drift_loss.py so the two can be read side by side.
 
 KERNEL_NORMS = ("both", "y", "none", "per_set")
-CHUNK_BYTES = 2 ** 22          # the (rows, T, C_g, M) float32 buffer of a chunk: stays in cache
+CHUNK_BYTES = 2 ** 21          # the (rows, T, C_g, M) float32 buffer of a chunk: stays in cache
 MEMORY_BUDGET = 2 ** 31        # bytes drift_loss may keep across its passes before recomputing
 
 
@@ -175,10 +175,16 @@ def _forces(d_n, y, w, C_p, taus, kernel_norm, floor):
     r, C_g, M = d_n.shape
     T = len(taus)
     neg_inv_tau = d_n.new_tensor([-1.0 / tau for tau in taus])[:, None, None]   # (T, 1, 1)
-    A = _log_affinity(d_n[:, None] * neg_inv_tau, C_p, kernel_norm)  # (r, T, C_g, M) log A
-    if floor > 0 and kernel_norm != "none":
-        A.clamp_min_(0.5 * math.log(floor))                         # sqrt(max(p, floor))
-    A.exp_()
+    logits = d_n[:, None] * neg_inv_tau                              # (r, T, C_g, M)
+    if kernel_norm == "both" and floor > 0:
+        # The official form, sqrt(max(softmax_j * softmax_i, floor)): a product that underflows
+        # is floored anyway, so the log-space route is not needed (and this one is faster).
+        A = torch.softmax(logits, -1).mul_(torch.softmax(logits, -2)).clamp_min_(floor).sqrt_()
+    else:
+        A = _log_affinity(logits, C_p, kernel_norm)                  # log A
+        if floor > 0 and kernel_norm != "none":
+            A.clamp_min_(0.5 * math.log(floor))                      # sqrt(max(p, floor))
+        A.exp_()                                                     # (r, T, C_g, M)
     if w is not None:
         A.mul_(w[:, None, None, :])                                  # CFG weights after norm
     # Alg. 2 step 5 as signed coefficients R = [-S_pos A_neg, S_neg A_pos] (rows sum to 0)
@@ -202,7 +208,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     C_p, M, T = pos.shape[1], C_g + neg.shape[1] + pos.shape[1], len(taus)
     chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * T * C_g * M))
     chunks = [slice(i, min(i + chunk, B)) for i in range(0, B, chunk)]
-    keep = 4 * B * C_g * (M + T * S) <= memory_budget
+    keep = 4 * B * (C_g * M + M * S + T * C_g * S) <= memory_budget
     y_of = lambda r: torch.cat([x[r], neg[r], pos[r]], dim=1)       # (r, M, S) targets
     w_of = lambda r: None if w is None else w[r]
 
@@ -210,23 +216,27 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     # the mean weighted distance is 1; coordinates scaled so it is sqrt(S) (tau_j = tau sqrt S).
     # Sums are taken per row, then accumulated in float64: the result does not depend on
     # how rows are split into chunks or ranks (to ~1e-7, which small taus amplify).
-    acc, dists = x.new_zeros(2, dtype=torch.float64), []
+    acc, dists, ys = x.new_zeros(2, dtype=torch.float64), [], []
     for r in chunks:
-        d = _cdist(x[r], y_of(r))                                    # (r, C_g, M)
-        wd = d.sum((1, 2)) if w is None else (d * w[r, None, :]).sum((1, 2))   # (r,)
+        y = y_of(r)                                                  # (r, M, S)
+        d = _cdist(x[r], y)                                          # (r, C_g, M)
+        d_j = d.sum(1)                                               # (r, M) summed over i
+        wd = d_j.sum(1) if w is None else (d_j * w[r]).sum(1)        # (r,)
         wsum = C_g * (w[r].sum(1) if w is not None else d.new_full((len(wd),), M))
         acc += torch.stack([wd.double().sum(), wsum.double().sum()])
         dists.append(d if keep else None)
+        ys.append(y if keep else None)
     stats = reduce(torch.cat([acc, acc.new_tensor([B])]))            # sum over ranks
     scale = (stats[0] / stats[1]).float()                            # mean(w d) / mean(w)
     s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
 
     def forces(i, r):                                                # (r, T, C_g, S) / s_in
-        d = dists[i] if keep else _cdist(x[r], y_of(r))
+        y = ys[i] if keep else y_of(r)
+        d = dists[i] if keep else _cdist(x[r], y)
         d_n = d.div_(scale.clamp_min(1e-3))                          # (r, C_g, M), mean ~1
         # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
         d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
-        return _forces(d_n, y_of(r), w_of(r), C_p, taus, kernel_norm, floor).div_(s_in)
+        return _forces(d_n, y, w_of(r), C_p, taus, kernel_norm, floor).div_(s_in)
 
     # Pass 2. Drift normalization (Eq. 23-25): mean square of each tau's field, all rows.
     sq, kept = x.new_zeros(T, dtype=torch.float64), []
@@ -234,7 +244,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
         V = forces(i, r)                                             # (r, T, C_g, S)
         sq += torch.linalg.vector_norm(V, dim=(2, 3)).double().square().sum(0)   # (T,)
         kept.append(V if keep else None)
-        dists[i] = None                                              # free as we go
+        dists[i] = ys[i] = None                                      # free as we go
     V2 = (reduce(sq) / (stats[2] * C_g * S)).float()                 # (T,) mean(V_tau^2)
     info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
 
