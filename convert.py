@@ -15,12 +15,14 @@ Paper: Generative Modeling via Drifting, arXiv:2602.04770.
 import argparse
 import json
 import os
+from functools import partial
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from encoder import mae_from_official
 from models import DriftDiT, save_checkpoint
 
 # ------------------------------------------------------------------------------------------
@@ -224,8 +226,10 @@ def convert_gen(model_config, flat):
 # Dispatch on metadata["kind"] and the command line
 # ------------------------------------------------------------------------------------------
 # kind -> (official (model_config, flat params) -> our module, writer of our weights file).
-# The MAE feature encoder ("mae") plugs in here next to encoder.py's loader.
-CONVERTERS = {"gen": (convert_gen, save_checkpoint)}
+# "mae" is the feature encoder (the `encoder/` subtree of an MAE artifact, plus the decoder
+# and class head when present); its loader lives in encoder.py next to the model.
+CONVERTERS = {"gen": (convert_gen, save_checkpoint),
+              "mae": (mae_from_official, partial(save_checkpoint, kind="mae"))}
 
 
 def convert(meta, flat):

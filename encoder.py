@@ -408,6 +408,18 @@ def mae_from_official(model_config, flat):
     return model.eval()
 
 
+def mae_from_state(config, state_dict, encoder_only=False):
+    """Our weights file (models.read_checkpoint(path, "mae") gives config and state_dict) ->
+    MAEResNet in eval mode; the decoder and head are built only if the file has them."""
+    if encoder_only:
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    heads = any(k.startswith("decoder.") for k in state_dict)
+    with torch.device("meta"):                                  # every tensor comes from
+        model = MAEResNet(MAEConfig(**config), with_heads=heads)   # the file: no init work
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------
 # Presets (official configs/mae/*.yaml; parameter counts with heads, measured by a test)
 # ------------------------------------------------------------------------------------------

@@ -353,27 +353,54 @@ class DriftDiT(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Weights file: model.safetensors with the config as JSON in its metadata
 # ------------------------------------------------------------------------------------------
-def save_checkpoint(model, path, **meta):
-    """Write `model`'s weights + config (and str-able `meta`) to `path` (a .safetensors file)."""
+# One format for every model of the repo (kind "gen" here, "mae" for encoder.py's MAEResNet):
+# the tensors under their state_dict names (a training run adds its EMA under "ema/"), and
+# metadata {"kind", "config": JSON of the model's config dataclass, ...}. convert.py writes it
+# for the official weights, train.py for its runs.
+def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, **meta):
+    """Write `model`'s weights (+ `ema`'s under "ema/") and config to `path`, atomically."""
     from safetensors.torch import save_file  # lazy: models.py itself needs only torch
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, path, metadata={"kind": CKPT_KIND, "config": json.dumps(asdict(model.cfg)),
-                                  **{k: str(v) for k, v in meta.items()}})
+    if ema is not None:
+        sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    metadata = {"kind": kind, "config": json.dumps(asdict(model.cfg)),
+                **{k: str(v) for k, v in meta.items()}}
+    save_file(sd, str(path) + ".tmp", metadata=metadata)
+    os.replace(str(path) + ".tmp", path)                       # never a half-written file
 
 
-def load_checkpoint(path, device="cpu"):
-    """A folder holding model.safetensors, or the file itself -> DriftDiT in eval mode."""
+def read_checkpoint(path, kind, ema=True, device="cpu"):
+    """A run folder holding model.safetensors, or the file -> (config dict, state_dict, meta).
+    With ema=True the EMA weights are returned when the file has them (sampling and the frozen
+    encoder use the EMA, as the official code)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("kind") != CKPT_KIND or "config" not in meta:
-        raise ValueError(f"{path}: not a DriftDiT weights file (metadata kind={meta.get('kind')})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path, device=str(device))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("kind") != kind or "config" not in meta:
+        raise ValueError(f"{path}: holds kind={meta.get('kind')!r}, expected {kind!r} weights")
+    has_ema = any(k.startswith("ema/") for k in tensors)
+    pick = "ema/" if ema and has_ema else ""
+    sd = {k[len(pick):]: v for k, v in tensors.items() if k.startswith(pick)
+          and (pick or not k.startswith("ema/"))}
+    return json.loads(meta["config"]), sd, meta
+
+
+def load_checkpoint(path, device="cpu", ema=True):
+    """A run folder or model.safetensors of kind "gen" -> DriftDiT in eval mode (EMA weights
+    when the file has them, unless ema=False)."""
+    config, sd, _ = read_checkpoint(path, CKPT_KIND, ema, device)
     with torch.device("meta"):  # no init work: every tensor comes from the file
-        model = DriftDiT.from_config(json.loads(meta["config"]))
-    model.load_state_dict(load_file(path, device=str(device)), assign=True)
+        model = DriftDiT.from_config(config)
+    model.load_state_dict(sd, assign=True)
     return model.eval()
 
 

@@ -48,6 +48,7 @@ from data import TOY_DATA, TensorSampler, mnist5k, split_per_class
 from encoder import MAE_models, MAEConfig, MAEResNet, masked_l2, patch_mask, patchify, unpatchify
 from field import drift_field
 from models import MLP
+from models import save_checkpoint as save_weights
 
 # ------------------------------------------------------------------------------------------
 # Config
@@ -177,9 +178,9 @@ def save_atomic(tensors, path, metadata):
 def save_checkpoint(run_dir, raw, ema, meta, state):
     """Weights + EMA (+ meta) in model.safetensors, the plain-typed train state in
     train_state.pt. The step is in both, so load_checkpoint can tell a torn pair."""
-    tensors = {**raw.state_dict(), **{f"ema/{k}": v for k, v in ema.state_dict().items()}}
-    save_atomic(tensors, os.path.join(run_dir, "model.safetensors"),
-                {**meta, "step": str(state["step"])})
+    extra = {k: v for k, v in meta.items() if k not in ("kind", "config")}
+    save_weights(raw, os.path.join(run_dir, "model.safetensors"), kind=meta["kind"], ema=ema,
+                 step=state["step"], **extra)                   # config: asdict(raw.cfg)
     path = os.path.join(run_dir, "train_state.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)

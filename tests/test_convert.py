@@ -123,3 +123,43 @@ def test_cli_roundtrip(tmp_path, official):
     assert back.cfg == ref.cfg
     for (n, p), q in zip(ref.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_mae_artifact_cli_round_trip(tmp_path):
+    """convert.py learns the MAE artifact: the golden encoder-only msgpack becomes a kind-"mae"
+    model.safetensors whose reloaded encoder reproduces the official feature groups."""
+    from encoder import ACTIVATION_KWARGS, feature_groups, mae_from_state
+    from models import read_checkpoint
+    out = tmp_path / "mae"
+    subprocess.run([sys.executable, "convert.py", "--artifact",
+                    os.path.join(FIXTURES, "mae_artifact"), "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True)
+    config, sd, meta = read_checkpoint(str(out), "mae")
+    assert meta["kind"] == "mae" and not any(k.startswith("decoder.") for k in sd)
+    model = mae_from_state(config, sd)
+    golden = load_file(os.path.join(FIXTURES, "mae_forward.safetensors"))
+    x = golden["in/x"].permute(0, 3, 1, 2)                           # NHWC -> NCHW
+    with torch.no_grad():
+        feats = feature_groups(model, x, **ACTIVATION_KWARGS)
+    for name in ("conv1", "layer4", "layer2_blk2_std_2"):
+        torch.testing.assert_close(feats[name], golden[f"feat/{name}"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="expected 'gen'"):
+        load_checkpoint(str(out))                                    # an encoder is no generator
+
+
+def test_read_checkpoint_prefers_ema(tmp_path):
+    """A training checkpoint holds weights and their EMA ("ema/"): readers return the EMA by
+    default (as sampling and the frozen encoder need) and the raw weights on request."""
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models, save_checkpoint
+    torch.manual_seed(0)
+    cfg = DriftDiTConfig(**{**DriftDiT_models["S4"], "depth": 1})
+    model, ema = DriftDiT(cfg), DriftDiT(cfg)
+    save_checkpoint(model, tmp_path / "model.safetensors", ema=ema, step=7)
+    got = load_checkpoint(str(tmp_path))
+    raw = load_checkpoint(str(tmp_path), ema=False)
+    assert torch.equal(got.y_embed.weight, ema.y_embed.weight)
+    assert torch.equal(raw.y_embed.weight, model.y_embed.weight)
+    assert not torch.equal(raw.y_embed.weight, got.y_embed.weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_checkpoint(str(tmp_path / "bad.safetensors"))
