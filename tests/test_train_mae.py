@@ -52,8 +52,8 @@ def tensors(run_dir):
 
 
 def train_state(run_dir):
-    return torch.load(os.path.join(run_dir, "train_state.pt"), map_location="cpu",
-                      weights_only=True)
+    path = os.path.join(run_dir, "train_state.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
