@@ -42,7 +42,7 @@ def _log_affinity(logits, n_pos, kernel_norm):
     "none"    : the raw kernel k = exp(l)                       (Tab. 11 "no normalization")
     "per_set" : V+ and V- each normalized by their own Z_p, Z_q, as Eq. (8)-(11) are written.
     Done in log space: with d/tau in the thousands every exp(l) underflows to 0 and a raw-kernel
-    normalization would return 0/0; log-sum-exp does not.
+    normalization would return 0/0; the log-softmax does not.
     """
     # (log_softmax is one fused kernel; logsumexp is several passes over the tensor)
     if kernel_norm == "both":
@@ -118,7 +118,7 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     all_reduce: optional callable summing a tensor over ranks (e.g. dist.all_reduce wrapped to
     return its input). `scale` and the per-tau force RMS are means over ALL rows of the group,
     so a group split over ranks must reduce them to equal the single-process loss.
-    chunk_rows: rows per chunk of the (rows, C_g, M) work (default: sized to stay in cache).
+    chunk_rows: rows per chunk of the (rows, T, C_g, M) work (default: sized for the cache).
     memory_budget: bytes the loss may keep between its passes (distances and forces of all
     rows); above it nothing is kept and each chunk is recomputed per pass: same loss, bounded
     memory, about twice the compute.
@@ -214,8 +214,9 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
 
     # Pass 1. Feature normalization (Eq. 18-22): one scalar per group over all rows so that
     # the mean weighted distance is 1; coordinates scaled so it is sqrt(S) (tau_j = tau sqrt S).
-    # Sums are taken per row, then accumulated in float64: the result does not depend on
-    # how rows are split into chunks or ranks (to ~1e-7, which small taus amplify).
+    # Sums are taken per row, then accumulated in float64, so the statistics do not depend on
+    # how rows are split into chunks or ranks (1e-7 in the scale is 1e-6 in the loss at tau
+    # = 0.02: d / tau amplifies it).
     acc, dists, ys = x.new_zeros(2, dtype=torch.float64), [], []
     for r in chunks:
         y = y_of(r)                                                  # (r, M, S)
