@@ -268,8 +268,8 @@ def load_checkpoint(run_dir, raw, ema, meta):
         if saved.get(key) != meta[key]:
             raise ValueError(f"--resume: {path} has {key} {saved.get(key)}, but this run has "
                              f"{meta[key]}; pass the flags it was trained with or a new --out")
-    state = torch.load(os.path.join(run_dir, "train_state.pt"), map_location="cpu",
-                       weights_only=True)
+    state_path = os.path.join(run_dir, "train_state.pt")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)   # plain types only
     if state["step"] != int(saved["step"]):
         raise RuntimeError(f"{run_dir}: weights at step {saved['step']} but train state at step "
                            f"{state['step']} (interrupted save?)")
