@@ -8,12 +8,14 @@ Two modes (DiT's sample.py + sample_ddp.py in one file):
   images clipped to [0, 1] and turned to uint8 as x255 with truncation. Sample i has label
   i % num_classes and its own seed (seed, i) for noise and style indices, so the file is the
   same for any number of processes and any batch size.
-Latent checkpoints (4 channels) decode through vae.py (issue #6, not in the repo yet).
+Latent checkpoints (32x32x4 outputs) decode through the SD-VAE of vae.py: pass --vae with the
+sd-vae-ft-mse weights file (diffusion_pytorch_model.safetensors); pixel checkpoints need none.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Sec. 4, 5.2.
-Grid:  python sample.py --ckpt runs/mnist/model.safetensors --classes 0 1 2 3 --cfg 1.0
-FID:   torchrun --standalone --nproc_per_node=8 sample.py --ckpt X --num-samples 50000
-       python fid.py calc --weights W.pth --samples samples.npz --ref ref_stats.npz
+Grid:   python sample.py --ckpt runs/mnist/model.safetensors --classes 0 1 2 3 --cfg 1.0
+Latent: python sample.py --ckpt runs/L2/model.safetensors --cfg 1.0 --vae sd-vae-ft-mse/
+FID:    torchrun --standalone --nproc_per_node=8 sample.py --ckpt X --num-samples 50000
+        python fid.py calc --weights W.pth --samples samples.npz --ref ref_stats.npz
 """
 import argparse
 import json
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models import load_checkpoint
+from vae import load_vae
 
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py picks (1000 classes)
 LATENT_CHANNELS = 4  # SD-VAE latents (models.py _LATENT); pixel models have 1 or 3 channels
@@ -40,26 +43,23 @@ def load_generator(path, device, ema=True, vae=None):
         raise ValueError(f"{path}: not a DriftDiT generator checkpoint ({e})") from e
     if model.cfg.out_channels == LATENT_CHANNELS and vae is None:
         raise ValueError(f"{path}: a latent model ({LATENT_CHANNELS}-channel output) needs the "
-                         f"SD-VAE decoder: pass --vae (vae.py, issue #6)")
+                         f"SD-VAE decoder: pass --vae PATH (sd-vae-ft-mse's "
+                         f"diffusion_pytorch_model.safetensors, see vae.py)")
+    if vae is not None and vae.cfg.latent_channels != model.cfg.out_channels:
+        raise ValueError(f"{path}: --vae given, but the model's {model.cfg.out_channels}-channel "
+                         f"output is not the VAE's {vae.cfg.latent_channels}-channel latent "
+                         f"(a pixel model needs no --vae)")
     return model
 
 
 def decode(x, vae=None):
     """Generator output (B, C, H, W) -> uint8 images (B, H, W, C'). Pixel outputs are in
-    [-1, 1]; latents go through the SD-VAE decoder first. Official _to_uint8: NaN -> 0,
-    clip to [0, 1], x255, truncate."""
+    [-1, 1]; latents (x VAE_SCALE, as the training cache) go through the SD-VAE decoder first,
+    in float32. Official _to_uint8: NaN -> 0, clip to [0, 1], x255, truncate."""
     if vae is not None:
-        x = vae.decode(x)  # TODO(issue #6): vae.py's API, latent scaling included
+        x = vae.decode(x)                                                   # (B, 3, 8H, 8W)
     x = ((x.float() + 1) / 2).nan_to_num(0.0, 1.0, 0.0).clamp(0, 1)        # (B, C', H', W')
     return (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()             # truncation
-
-
-def load_vae(path, device):
-    try:
-        import vae  # noqa: F401  (issue #6)
-    except ImportError as e:
-        raise ValueError("--vae: vae.py (issue #6) is not in the repo yet") from e
-    return vae.load_vae(path, device)  # TODO(issue #6): the loader's name when vae.py lands
 
 
 @torch.no_grad()
@@ -100,7 +100,8 @@ def main():
     p.add_argument("--num-samples", type=int, default=0, help="write N samples to .npz (0 = grid)")
     p.add_argument("--batch", type=int, default=64, help="samples per forward, per process")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed (seed, i)")
-    p.add_argument("--vae", help="SD-VAE weights, for latent models (vae.py, issue #6)")
+    p.add_argument("--vae", help="SD-VAE weights for latent models: sd-vae-ft-mse's "
+                   "diffusion_pytorch_model.safetensors or its folder (vae.py)")
     p.add_argument("--out", help="output file (default samples.png / samples.npz)")
     args = p.parse_args()
     torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)

@@ -52,7 +52,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import TOY_DATA, TensorSampler, mnist5k, split_per_class
+from data import (CACHE_MAKE, TOY_DATA, ImageFolder, LatentCache, TensorSampler, mnist5k,
+                  split_per_class, subset)
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
                      mae_from_state, masked_l2, patch_mask, patchify, unpatchify)
 from field import drift_field, drift_loss
@@ -70,8 +71,15 @@ parser.add_argument("--seed", type=int, default=0, help="global seed (rank r use
 parser.add_argument("--device", default="cpu",
                     help="cpu | cuda | auto (cuda if available); torchrun uses cuda:LOCAL_RANK")
 parser.add_argument("--data", default="checkerboard",
-                    help=f"toy: one of {list(TOY_DATA)}; mae, gen: mnist5k")
-parser.add_argument("--data-path", default=None, help="file of --data (default: built-in copy)")
+                    help=f"toy: one of {list(TOY_DATA)}; mae, gen: mnist5k, latents (a latent "
+                         f"cache made by data.py --cache), images (an ImageNet-layout folder)")
+parser.add_argument("--data-path", default=None,
+                    help="mnist5k: the csv.gz (default: built-in copy); latents: the cache "
+                         "folder; images: root/<class>/<image>")
+parser.add_argument("--image-size", type=int, default=256, help="images: ADM crop size")
+parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                    help="images: RandomResizedCrop(0.2-1) + flip of real samples (official "
+                         "pixel recipes) instead of center crop + flip")
 parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (total, on resume)")
 parser.add_argument("--batch", type=int, default=1024,
                     help="toy: generated samples per step (the notebook uses 2048; 1024 with the "
@@ -157,9 +165,9 @@ GEN_RECIPES = {
     "L2": dict(n_classes_per_step=128, n_pos=64, n_unc=32, lr=4e-4, weight_decay=0.01,
                warmup=10000, steps=200000, cfg_power=3.0, no_cfg_frac=0.5),
     "B16": dict(n_classes_per_step=128, n_pos=128, n_unc=32, lr=2e-4, weight_decay=0.01,
-                warmup=10000, steps=100000, data="imagenet"),
+                warmup=10000, steps=100000, data="images", augment=True),
     "L16": dict(n_classes_per_step=128, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01,
-                warmup=10000, steps=100000, data="imagenet"),
+                warmup=10000, steps=100000, data="images", augment=True),
     "S2": dict(n_classes_per_step=8, gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3,
                weight_decay=0.01, warmup=50, steps=1000, ema=0.99, cfg_power=3.0),
     # MNIST-5k, 28x28 (S4: patch 4) with the MAE of `--stage mae` above; EMA 0.99 and lr 1e-3
@@ -170,9 +178,8 @@ GEN_RECIPES = {
                log_every=20, ckpt_every=100, sample_every=50),
 }
 GEN_PRESET = {"ablation": "B2"}                 # recipe -> DriftDiT_models preset
-DATA = {"toy": list(TOY_DATA), "mae": ["mnist5k"], "gen": ["mnist5k"]}
-NOT_YET = {"latents": "the ImageNet latent cache arrives with issue 6 (a later issue)",
-           "imagenet": "pixel data arrives with issue 9/6 (a later issue)"}
+DATA = {"toy": list(TOY_DATA), "mae": ["mnist5k", "latents", "images"],
+        "gen": ["mnist5k", "latents", "images"]}
 
 
 def recipe(stage, model):
@@ -185,10 +192,11 @@ def parse_args(argv=None):
     stage = peek.stage
     args = parser.parse_args(argv, namespace=argparse.Namespace(**recipe(stage, peek.model)))
     if args.data not in DATA[stage]:
-        why = NOT_YET.get(args.data, "ImageNet latent caches and image folders arrive with a "
-                                     "later issue")
-        parser.error(f"--stage {stage} takes --data from {DATA[stage]}, not {args.data!r} "
-                     f"({why})")
+        parser.error(f"--stage {stage} takes --data from {DATA[stage]}, not {args.data!r}")
+    if args.data in ("latents", "images") and not args.data_path:
+        parser.error(f"--data {args.data} needs --data-path: "
+                     + ("the cache folder (make it with: " + CACHE_MAKE + ")"
+                        if args.data == "latents" else "an ImageNet-layout folder, e.g. .../train"))
     if stage == "gen":
         args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
     return args
@@ -587,18 +595,39 @@ def mae_eval(model, x, mean_image, seed):
             masked_l2(mean, xp, mask[:, :1]).mean().item())
 
 
+def load_data(args):
+    """--data -> (images, labels): a tensor (MNIST-5k, in memory) or an on-demand source (the
+    latent cache, memory-mapped; an image folder, decoded per step) with .get and .shape."""
+    if args.data == "latents":
+        images = LatentCache(args.data_path)
+        return images, images.labels
+    if args.data == "images":
+        images = ImageFolder(args.data_path, args.image_size, augment=args.augment)
+        return images, images.labels
+    return mnist5k(args.data_path)
+
+
+def sample_shape(images):
+    return tuple(images.shape[1:]) if isinstance(images, torch.Tensor) else images.shape
+
+
 def train_mae(args, ctx):
     if args.batch % ctx.world or args.holdout < 1:
         raise ValueError(f"--batch {args.batch} must divide by the {ctx.world} ranks and "
                          f"--holdout {args.holdout} must be >= 1 (the final evaluation)")
-    images, labels = mnist5k(args.data_path)
+    images, labels = load_data(args)
     train_idx, held_idx = split_per_class(labels, args.holdout)
+    held_idx = held_idx[::max(1, len(held_idx) // 1000)]      # evaluate at most ~1000 items
     cfg = MAEConfig(**MAE_models[args.mae_model])
+    if sample_shape(images)[0] != cfg.in_channels:
+        raise ValueError(f"--data {args.data} holds {sample_shape(images)} samples; --mae-model "
+                         f"{args.mae_model} takes {cfg.in_channels} channels (latents: "
+                         f"latent_256 / latent_640; MNIST: mnist)")
     torch.manual_seed(args.seed)                                # the same init on every rank
     model = MAEResNet(cfg)
     rank_seed = args.seed * ctx.world + ctx.rank
     torch.manual_seed(rank_seed)                                # masks: one stream per rank
-    streams = {"data": TensorSampler(images[train_idx], labels[train_idx], rank_seed)}
+    streams = {"data": TensorSampler(subset(images, train_idx), labels[train_idx], rank_seed)}
     meta = dict(kind="mae", config=json.dumps(asdict(cfg)), args=json.dumps(vars(args)),
                 data=json.dumps(dict(data=args.data, path=args.data_path, holdout=args.holdout)))
     if ctx.master:
@@ -619,8 +648,9 @@ def train_mae(args, ctx):
     if not ctx.master:
         return None
     # Held-out digits, fixed masks: the EMA and raw weights against the mean-image baseline.
-    x_held = images[held_idx].to(ctx.device)
-    mean_image = images[train_idx].mean(0).to(ctx.device)       # (C_img, pH, pW)
+    pick = lambda idx: TensorSampler(images, labels, 0).take(idx, torch.Generator())
+    x_held = pick(held_idx).to(ctx.device)
+    mean_image = pick(train_idx[::max(1, len(train_idx) // 5000)]).mean(0).to(ctx.device)
     ema_loss, baseline = mae_eval(ema, x_held, mean_image, seed=10_001)
     raw_loss, _ = mae_eval(raw.eval(), x_held, mean_image, seed=10_001)
     summary = dict(step=args.steps, held_out=len(held_idx), ema_masked_l2=ema_loss,
@@ -632,7 +662,9 @@ def train_mae(args, ctx):
 
     # Picture: one held-out digit per class; masked input (mask in blue), reconstruction
     # (visible pixels copied, masked ones predicted), original.
-    pick = x_held[::args.holdout]                               # held-out is class-sorted
+    if cfg.in_channels not in (1, 3):                           # latents: no picture
+        return summary
+    pick = x_held[::args.holdout][:10]                          # held-out is class-sorted
     x, recon, mask = mae_reconstruct(ema, pick, torch.Generator(ctx.device).manual_seed(1))
     p = cfg.input_patch_size
     x, recon, mask = unpatchify(x, p), unpatchify(recon, p), unpatchify(mask, p)
@@ -760,10 +792,10 @@ def train_gen(args, ctx):
     if args.n_classes_per_step % ctx.world:
         raise ValueError(f"--n-classes-per-step {args.n_classes_per_step} must divide by the "
                          f"{ctx.world} ranks (each class group lives whole on one rank)")
-    images, labels = mnist5k(args.data_path)
+    images, labels = load_data(args)
     want = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if tuple(images.shape[1:]) != want or labels.max() >= cfg.num_classes:
-        raise ValueError(f"--data {args.data} holds {tuple(images.shape[1:])} samples of "
+    if sample_shape(images) != want or labels.max() >= cfg.num_classes:
+        raise ValueError(f"--data {args.data} holds {sample_shape(images)} samples of "
                          f"{labels.max() + 1} classes; --model {args.model} makes {want} of "
                          f"{cfg.num_classes} classes (MNIST: --model S4)")
     if not args.mae_ckpt:

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from models import DriftDiT, DriftDiT_models, save_checkpoint
-from sample import load_generator
+from sample import generate, load_generator
+from vae import VAE_SCALE, AutoencoderKL, VAEConfig, VAE_models, load_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -87,7 +88,8 @@ def test_grid_grayscale_and_ema_default(ckpt, tmp_path):
 
 def test_wrong_checkpoints_are_refused(tmp_path):
     """Clear errors: another kind of weights file (an encoder), a "gen" file whose weights are
-    not the architecture of its config, a latent model without the VAE, an unbalanced count."""
+    not the architecture of its config, a latent model without the VAE, a pixel model with one,
+    an unbalanced count."""
     model = tiny()
     save_checkpoint(model, tmp_path / "mae.safetensors", kind="mae")
     with pytest.raises(ValueError, match="kind='mae', expected 'gen'"):
@@ -101,5 +103,40 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="needs the SD-VAE decoder: pass --vae"):
         load_generator(str(tmp_path / "latent.safetensors"), "cpu")
     save_checkpoint(model, tmp_path / "ok.safetensors")
+    with pytest.raises(ValueError, match="a pixel model needs no --vae"):
+        load_generator(str(tmp_path / "ok.safetensors"), "cpu",
+                       vae=AutoencoderKL(VAEConfig(**VAE_models["tiny"])))
     rc, log = run(["--ckpt", str(tmp_path / "ok.safetensors"), "--num-samples", "15"])
     assert rc != 0 and "not a multiple of the 10 classes" in log, log
+
+
+def test_latent_model_decodes_through_vae(tmp_path):
+    """A latent generator (32x32x4, S2) with --vae: its samples, divided by VAE_SCALE, go through
+    the SD-VAE decoder, and the PNG holds ((image + 1) / 2).clip(0, 1) x 255 truncated. The VAE
+    is a tiny random one written by diffusers (2 stages: 32x32 latents -> 64x64 images) and the
+    expected pixels come from diffusers' own decode."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    torch.manual_seed(0)
+    ref = DiffusersVAE(down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                       layers_per_block=1, sample_size=64).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "vae.st")
+    save_checkpoint(tiny("S2"), tmp_path / "latent.safetensors")
+    out = tmp_path / "grid.png"
+    rc, log = run(["--ckpt", str(tmp_path / "latent.safetensors"), "--vae",
+                   str(tmp_path / "vae.st"), "--classes", "5", "9", "--per-class", "2",
+                   "--out", str(out)])
+    assert rc == 0, log
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3)
+
+    model = load_generator(str(tmp_path / "latent.safetensors"), "cpu", vae=load_vae(
+        str(tmp_path / "vae.st")))
+    z = generate(model, [0, 1, 2, 3], torch.tensor([5, 5, 9, 9]), 1.0, 0, "cpu")  # (4, 4, 32, 32)
+    with torch.no_grad():
+        y = ref.decode(z / VAE_SCALE).sample                                       # (4, 3, 64, 64)
+    want = (((y + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for k in range(4):
+        r, c = 2 + k // 2 * 66, 2 + k % 2 * 66
+        diff = np.abs(grid[r:r + 64, c:c + 64].astype(int) - want[k].astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01  # float32 rounding at the truncation

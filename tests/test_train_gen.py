@@ -128,7 +128,7 @@ def test_alpha_follows_the_power_law_and_the_no_cfg_fraction():
 
 def test_recipes_follow_table_8(capsys):
     """--model picks the paper's recipe (PAPER_NOTES section 4 table), flags override it, and
-    data that later issues bring stops with a clear message."""
+    a recipe whose data is not given stops with a clear message."""
     ab = train.parse_args(["--stage", "gen", "--model", "ablation", "--data", "mnist5k"])
     assert (ab.n_classes_per_step, ab.gen_per_label, ab.n_pos, ab.n_unc) == (64, 64, 64, 16)
     assert (ab.lr, ab.weight_decay, ab.warmup, ab.steps, ab.cfg_power) == \
@@ -138,12 +138,14 @@ def test_recipes_follow_table_8(capsys):
     l2 = train.parse_args(["--stage", "gen", "--model", "L2", "--data", "mnist5k",
                            "--n-pos", "128", "--lr", "1e-4"])
     assert (l2.no_cfg_frac, l2.cfg_power, l2.n_unc, l2.n_pos, l2.lr) == (0.5, 3.0, 32, 128, 1e-4)
-    with pytest.raises(SystemExit):
+    b16 = train.parse_args(["--stage", "gen", "--model", "B16", "--data-path", "x"])
+    assert (b16.data, b16.augment, b16.n_pos) == ("images", True, 128)
+    with pytest.raises(SystemExit):                 # the latent recipes need the cache's path
         train.parse_args(["--stage", "gen", "--model", "B2"])
-    assert "issue 6" in capsys.readouterr().err
+    assert "--data latents needs --data-path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "gen", "--model", "L16"])
-    assert "pixel data arrives with issue 9/6" in capsys.readouterr().err
+    assert "--data images needs --data-path" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------

@@ -137,10 +137,14 @@ def test_schedules_follow_the_recipe():
 
 
 def test_unknown_data_source_is_refused(capsys):
-    """Only mnist5k is built in for the MAE stage: other values stop with a clear message."""
+    """--data takes mnist5k, latents or images; anything else, or a cache without its path,
+    stops with a message naming the choices or the command that makes the cache."""
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "mae", "--data", "imagenet_latents"])
-    assert "later issue" in capsys.readouterr().err
+    assert "['mnist5k', 'latents', 'images']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "mae", "--data", "latents"])
+    assert "data.py --cache" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,13 +216,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(standin, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in tensors(bad).values())
 
 
-def test_resume_refuses_another_checkpoint(run6, standin, tmp_path):
+def test_resume_refuses_another_checkpoint(run6, standin, tmp_path, monkeypatch):
     """--resume stops with a clear error on a checkpoint of another model config, another data
     split, or another kind (stage), instead of loading mismatched weights."""
     run = tmp_path / "run"
     shutil.copytree(run6[0], run)
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ValueError, match="takes 4 channels"):   # checked before any resume
         train.main(mae_args(standin, run, "--steps", 8, "--resume", "--mae-model", "tiny"))
+    wider = dict(train.MAE_models["mnist"], base_channels=64)
+    with monkeypatch.context() as m, pytest.raises(ValueError, match="config"):
+        m.setitem(train.MAE_models, "mnist", wider)
+        train.main(mae_args(standin, run, "--steps", 8, "--resume"))
     with pytest.raises(ValueError, match="data"):
         train.main(mae_args(standin, run, "--steps", 8, "--resume", "--holdout", "2"))
     train.save_atomic({"w": torch.zeros(1)}, str(run / "model.safetensors"),
