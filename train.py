@@ -21,7 +21,7 @@ Stages:
     torchrun --standalone --nproc_per_node=2 train.py --stage mae ...          # DDP (gloo/nccl)
     # generator on MNIST-5k with that MAE, CPU (S4 recipe, 28x28, patch 4):
     python train.py --stage gen --model S4                 # -> runs/gen_mnist/samples.png
-    torchrun --standalone --nproc_per_node=8 train.py --stage gen --model L2 --mae-ckpt M ...
+    torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
 
 The flag defaults shown by --help are the toy stage's; --stage mae starts from RECIPES["mae"]
 (the paper's MAE recipe, App. A.3), --stage gen from RECIPES["gen"] + GEN_RECIPES[--model];
@@ -65,7 +65,8 @@ from models import save_checkpoint as save_weights
 # ------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--stage", choices=["toy", "mae", "gen"], default="toy", help="what to train")
+parser.add_argument("--stage", choices=["toy", "mae", "gen"], default=None,
+                    help="what to train (default: gen if --model is given, else toy)")
 parser.add_argument("--out", default="runs/toy", help="run folder (log, pictures, checkpoint)")
 parser.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed*world+r)")
 parser.add_argument("--device", default="cpu",
@@ -124,9 +125,9 @@ parser.add_argument("--cls-lambda", type=float, default=0.1,
 parser.add_argument("--holdout", type=int, default=50,
                     help="mae on mnist5k: digits per class held out for the final evaluation")
 # generator stage: paper Tab. 8 / configs/gen/*.yaml, one recipe per --model (GEN_RECIPES)
-parser.add_argument("--model", choices=list(DriftDiT_models) + ["ablation"], default="S4",
+parser.add_argument("--model", choices=list(DriftDiT_models) + ["ablation"], default=None,
                     help="gen: DriftDiT preset and its recipe (ablation: B2 size, the ablation "
-                         "recipe of Tab. 8; S2/S4: tiny CPU recipes)")
+                         "recipe of Tab. 8; S2/S4: tiny CPU recipes); default S4")
 parser.add_argument("--n-classes-per-step", type=int, default=64,
                     help="gen: N_c class groups per step over ALL ranks (official "
                          "train_batch_size); each rank computes N_c / world whole groups")
@@ -189,8 +190,10 @@ def recipe(stage, model):
 def parse_args(argv=None):
     """The stage's recipe fills the namespace first, so argparse only sets what it lacks."""
     peek = parser.parse_known_args(argv)[0]                 # a peek; the strict parse follows
-    stage = peek.stage
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**recipe(stage, peek.model)))
+    stage = peek.stage or ("gen" if peek.model else "toy")  # `train.py --model L2` trains L2
+    model = peek.model or "S4"
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**recipe(stage, model)))
+    args.stage, args.model = stage, model
     if args.data not in DATA[stage]:
         parser.error(f"--stage {stage} takes --data from {DATA[stage]}, not {args.data!r}")
     if args.data in ("latents", "images") and not args.data_path:

@@ -245,3 +245,33 @@ def test_cache_refuses_other_vae_size_and_corruption(folder, vae_file, cache, tm
         LatentCache(out)
     with pytest.raises(FileNotFoundError, match="no latent cache"):
         LatentCache(str(tmp_path))
+
+
+def test_train_gen_on_latent_cache(folder, vae_file, tmp_path):
+    """train.py --stage gen --data latents: the S2 latent generator (32x32x4) trains 2 steps on
+    a cache of 64-pixel crops (the tiny VAE halves once), with a random 4-channel MAE."""
+    from encoder import MAEConfig, MAEResNet
+    from models import load_checkpoint, save_checkpoint
+    import train
+    out = str(tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache_latents(folder[0], out, vae_file, 64, shard_size=4, workers=1)
+    torch.manual_seed(0)
+    mae = MAEResNet(MAEConfig(in_channels=4, base_channels=8, layers=(1, 1, 1, 1)),
+                    with_heads=False)
+    save_checkpoint(mae, str(tmp_path / "mae.safetensors"), kind="mae")
+    run = str(tmp_path / "run")
+    train.main(["--stage", "gen", "--model", "S2", "--data", "latents", "--data-path", out,
+                "--mae-ckpt", str(tmp_path / "mae.safetensors"), "--out", run, "--steps", "2",
+                "--n-classes-per-step", "2", "--gen-per-label", "4", "--n-pos", "3",
+                "--n-unc", "2", "--warmup", "1", "--device", "cpu", "--log-every", "1"])
+    assert load_checkpoint(run).cfg.in_channels == 4
+    with pytest.raises(ValueError, match=r"holds \(4, 16, 16\) samples"):   # 32-pixel crops
+        small = str(tmp_path / "small")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cache_latents(folder[0], small, vae_file, SIZE, shard_size=4, workers=1)
+        train.main(["--stage", "gen", "--model", "S2", "--data", "latents", "--data-path", small,
+                    "--mae-ckpt", str(tmp_path / "mae.safetensors"), "--out", run + "2",
+                    "--steps", "1", "--device", "cpu"])

@@ -138,7 +138,9 @@ def test_recipes_follow_table_8(capsys):
     l2 = train.parse_args(["--stage", "gen", "--model", "L2", "--data", "mnist5k",
                            "--n-pos", "128", "--lr", "1e-4"])
     assert (l2.no_cfg_frac, l2.cfg_power, l2.n_unc, l2.n_pos, l2.lr) == (0.5, 3.0, 32, 128, 1e-4)
-    b16 = train.parse_args(["--stage", "gen", "--model", "B16", "--data-path", "x"])
+    assert train.parse_args(["--model", "S4"]).stage == "gen"     # `train.py --model L2 ...`
+    assert train.parse_args([]).stage == "toy"
+    b16 = train.parse_args(["--model", "B16", "--data-path", "x"])
     assert (b16.data, b16.augment, b16.n_pos) == ("images", True, 128)
     with pytest.raises(SystemExit):                 # the latent recipes need the cache's path
         train.parse_args(["--stage", "gen", "--model", "B2"])
