@@ -419,6 +419,8 @@ _L = dict(hidden_size=1024, depth=24, num_heads=16, cond_dim=1024)
 DriftDiT_models = {  # the official latent/pixel_sota_{B,L}.yaml set attn_fp32 and use_remat
     "S2": {**_S, **_LATENT, **_RECIPE, "attn_fp32": True, "grad_checkpoint": False},   # 1.7M
     "S4": {**_S, **_MNIST, **_RECIPE, "attn_fp32": True, "grad_checkpoint": False},    # 1.6M
+    "S8": {**_S, **_PIXEL, "input_size": 64, "patch_size": 8, **_RECIPE, "attn_fp32": True,
+           "grad_checkpoint": False},                     # 1.8M: 64x64 pixels, CPU smoke runs
     "B2": {**_B, **_LATENT, **_RECIPE, "attn_fp32": False, "grad_checkpoint": False},  # 132.7M
     "L2": {**_L, **_LATENT, **_RECIPE, "attn_fp32": False, "grad_checkpoint": False},  # 462.9M
     "B16": {**_B, **_PIXEL, **_RECIPE, "attn_fp32": True, "grad_checkpoint": True},    # 133.9M

@@ -54,8 +54,9 @@ from tqdm import tqdm
 
 from data import (CACHE_MAKE, TOY_DATA, ImageFolder, LatentCache, TensorSampler, mnist5k,
                   split_per_class, subset)
-from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
-                     mae_from_state, masked_l2, patch_mask, patchify, unpatchify)
+from encoder import (ACTIVATION_KWARGS, MAE_models, ConvNeXt_models, MAEConfig, MAEResNet,
+                     convnext_from_hf, feature_groups, mae_from_state, masked_l2, patch_mask,
+                     patchify, pixel_feature_groups, unpatchify)
 from field import drift_field, drift_loss
 from models import MLP, DriftDiT, DriftDiT_models, DriftDiTConfig, read_checkpoint
 from models import save_checkpoint as save_weights
@@ -141,6 +142,12 @@ parser.add_argument("--no-cfg-frac", type=float, default=0.0,
                     help="gen: fraction of groups trained at alpha = 1 (official no_cfg_frac)")
 parser.add_argument("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02],
                     help="gen: kernel temperatures, one normalized field each (official R_list)")
+parser.add_argument("--convnext", default=None,
+                    help="gen, pixel models: ConvNeXt-V2 weights (model.safetensors of "
+                         "facebook/convnextv2-base-22k-224, transformers naming), the second "
+                         "feature encoder of the official pixel recipes (B16, L16 need it)")
+parser.add_argument("--convnext-model", choices=list(ConvNeXt_models), default="base",
+                    help="ConvNeXt-V2 preset of --convnext (tiny: CPU smoke runs)")
 parser.add_argument("--mae-ckpt", default=None,
                     help="gen: the frozen feature encoder phi, a kind-mae weights file or run "
                          "folder (train.py --stage mae, or convert.py of an official MAE)")
@@ -173,6 +180,10 @@ GEN_RECIPES = {
                weight_decay=0.01, warmup=50, steps=1000, ema=0.99, cfg_power=3.0),
     # MNIST-5k, 28x28 (S4: patch 4) with the MAE of `--stage mae` above; EMA 0.99 and lr 1e-3
     # because a CPU run is 1k steps (~25 min on 2 cores), not 30k.
+    # 64x64 pixels (S8) on an image folder: a CPU smoke run of the pixel path (MAE + ConvNeXt)
+    "S8": dict(n_classes_per_step=4, gen_per_label=8, n_pos=8, n_unc=4, lr=1e-3,
+               weight_decay=0.01, warmup=10, steps=100, ema=0.99, cfg_power=3.0,
+               data="images", image_size=64, augment=True),
     "S4": dict(n_classes_per_step=10, gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3,
                weight_decay=0.01, warmup=50, steps=1000, ema=0.99, cfg_power=3.0,
                data="mnist5k", mae_ckpt="runs/mae_mnist", out="runs/gen_mnist", device="cpu",
@@ -745,13 +756,15 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
     un-normalized mean V_tau^2}, the number to watch: App. A.6)."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
+    embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
+        phi, MAEResNet) else phi                                # pixel models: MAE + ConvNeXt
     # App. A.7: unconditional negatives weighted w = (alpha - 1)(N_neg - 1) / N_unc (-1: self-mask)
     w_unc = (alpha.float() - 1) * (N_neg - 1) / max(1, N_unc)                      # (n,)
     with torch.no_grad():
-        real = feature_groups(phi, torch.cat([pos, unc], 1).flatten(0, 1), **ACTIVATION_KWARGS)
+        real = embed(torch.cat([pos, unc], 1).flatten(0, 1))  # name -> (n (N_pos+N_unc), T, D)
     x = net(noise, labels.repeat_interleave(N_neg), alpha.repeat_interleave(N_neg),
             style_idx=style_idx)                                # (n * N_neg, C, H, W)
-    gen = feature_groups(phi, x, **ACTIVATION_KWARGS)           # name -> (n * N_neg, T, D)
+    gen = embed(x)                                              # name -> (n * N_neg, T, D)
     # (n * m, T, D) -> (n * T, m, D): a row is one (class group, token), official '(b f) x d'
     rows = lambda f, m: f.unflatten(0, (n, m)).transpose(1, 2).flatten(0, 1)
     loss, per_group, V2 = 0.0, {}, dict.fromkeys(taus, 0.0)
@@ -807,6 +820,19 @@ def train_gen(args, ctx):
     mae_config, mae_state, _ = read_checkpoint(args.mae_ckpt, "mae")     # its EMA weights
     phi = mae_from_state(mae_config, mae_state, encoder_only=True)
     phi = phi.to(ctx.device).requires_grad_(False).eval()       # frozen; x still gets grads
+    phi_params = sum(p.numel() for p in phi.parameters())
+    if args.model in ("B16", "L16") and not args.convnext:
+        raise ValueError(f"--model {args.model} (pixels) uses ConvNeXt-V2 features beside the "
+                         f"MAE: pass --convnext PATH (model.safetensors of "
+                         f"facebook/convnextv2-base-22k-224)")
+    if args.convnext:                                           # pixel models: two encoders
+        if cfg.in_channels != 3:
+            raise ValueError(f"--convnext takes RGB pixels; --model {args.model} makes "
+                             f"{cfg.in_channels}-channel samples")
+        convnext = convnext_from_hf(args.convnext, args.convnext_model).to(ctx.device)
+        phi_params += sum(p.numel() for p in convnext.parameters())
+        mae = phi
+        phi = lambda x: pixel_feature_groups(mae, convnext, x, **ACTIVATION_KWARGS)
     torch.manual_seed(args.seed)                                # the same init on every rank
     model = DriftDiT(cfg)
     sampler = TensorSampler(images, labels, args.seed)
@@ -814,12 +840,13 @@ def train_gen(args, ctx):
     mine = range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)    # global group indices
     reduce = sum_over_ranks if ctx.ddp else None
     meta = dict(kind="gen", config=json.dumps(asdict(cfg)), args=json.dumps(vars(args)),
-                data=json.dumps(dict(data=args.data, path=args.data_path, mae=args.mae_ckpt)))
+                data=json.dumps(dict(data=args.data, path=args.data_path, mae=args.mae_ckpt,
+                                     convnext=args.convnext)))
     grid_classes = sampler.classes[:10].tolist()
     if ctx.master:
         print(f"DriftDiT {preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"params | phi {sum(p.numel() for p in phi.parameters()) / 1e6:.2f}M "
-              f"({args.mae_ckpt}) | {len(labels)} images, {len(sampler.classes)} classes | "
+              f"params | phi {phi_params / 1e6:.2f}M ({args.mae_ckpt}"
+              f"{' + ' + args.convnext if args.convnext else ''}) | {len(labels)} images, {len(sampler.classes)} classes | "
               f"{per_rank} groups x ({args.gen_per_label} gen, {args.n_pos} pos, {args.n_unc} "
               f"unc) per rank")
 
