@@ -117,6 +117,8 @@ parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="autocast dtype on CUDA; a CPU run is always fp32")
 parser.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint interval in steps")
 parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+parser.add_argument("--compile", action="store_true",
+                    help="mae, gen: torch.compile the model (checkpoints stay plain state dicts)")
 parser.add_argument("--cls-start", type=int, default=-1,
                     help="mae: step where the cls fine-tune starts (-1 = never; the official "
                          "MAE-640 starts it 3k steps before the end)")
@@ -516,6 +518,8 @@ def fit(args, ctx, raw, meta, streams, loss_fn, hook=None):
         update_ema(ema, raw, 0.0)
     net = DDP(raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
         if ctx.ddp else raw
+    if args.compile:                # opt-in: minutes of compiling first, then faster steps
+        net = torch.compile(net)
     raw.train()
     amp = torch.autocast(ctx.device.type, torch.bfloat16,
                          enabled=ctx.device.type == "cuda" and args.precision == "bf16")
