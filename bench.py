@@ -1,16 +1,23 @@
 """
 Benchmarks, printed as Markdown tables with the command line and the machine in the header.
 
-  python bench.py                 # everything below (about 3 minutes on a 2-core CPU)
+  python bench.py                 # everything below (about 8 minutes on a 2-core CPU)
   python bench.py --only loss     # drift loss value+grad: ours vs its matmul floor vs a plain port
   python bench.py --only memory   # peak memory of drift_loss, whole vs chunked (subprocesses)
   python bench.py --only models   # generator forward+backward of the tiny presets
+  python bench.py --only train    # one train.py --stage gen step of the tiny CPU presets
+  python bench.py --only sample   # sample.py one-step sampling, samples/s of the tiny presets
+  python bench.py --threads 1     # one torch thread (a machine shared with other jobs)
 
 The matmul floor is what the drift loss cannot avoid: the distances as one batched matmul and
-the forces as one more (the three temperatures stacked). The "plain" column is a direct
-whole-tensor port of the official drift_loss.py (written here for comparison only).
+the forces as one more (the three temperatures stacked), timed in the same run on the same
+tensors, once whole and once in the row chunks drift_loss works in. The "plain" column is a
+direct whole-tensor port of the official drift_loss.py (written here for comparison only).
+Timings are medians; the functions of a table run in turns, so compare ratios, not times,
+across runs on a shared machine.
 """
 import argparse
+import copy
 import datetime
 import math
 import os
@@ -21,7 +28,7 @@ import time
 
 import torch
 
-from field import drift_loss
+from field import default_chunk_rows, drift_loss
 
 LOSS_SHAPES = [(64, 64, 64, 16, 256), (256, 64, 64, 16, 64), (1024, 64, 64, 16, 32),
                (16, 64, 128, 32, 640)]                               # (rows, C_g, C_p, C_n, S)
@@ -59,14 +66,22 @@ def plain_drift_loss(gen, pos, neg, w_neg, taus=TAUS):
 
 def timeit(fn, repeat=7, warmup=2):
     """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return timeit_all({"fn": fn}, repeat, warmup)["fn"]
+
+
+def timeit_all(fns, repeat=7, warmup=2):
+    """Median wall times (s) of several functions, run in turns, so that a change in the load
+    of a shared machine hits all of them alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def inputs(rows, C_g, C_p, C_n, S, seed=0):
@@ -77,26 +92,35 @@ def inputs(rows, C_g, C_p, C_n, S, seed=0):
 
 
 def bench_loss():
-    print("\n### drift_loss value + gradient (ms, median of 7)\n")
-    print("| rows, C_g, C_p, C_n, S | matmul floor | ours | ours / floor | plain port | "
-          "plain / floor |")
-    print("|---|---|---|---|---|---|")
+    print("\n### drift_loss value + gradient (ms, median of 11, all four run in turns)\n")
+    print("| rows, C_g, C_p, C_n, S | matmul floor | ours | ours / floor | floor in row chunks "
+          "| ours / chunked floor | plain port | plain / floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in LOSS_SHAPES:
         gen, pos, neg, w_neg = inputs(*shape)
         rows, C_g, C_p, C_n, S = shape
         y = torch.cat([gen, neg, pos], dim=1)                        # (rows, M, S)
         A = torch.rand(rows, len(TAUS) * C_g, y.shape[1])           # stacked taus
-        floor = timeit(lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)))
+        chunk = default_chunk_rows(C_g, y.shape[1], S, len(TAUS))   # drift_loss's chunks
+        x = gen.clone().requires_grad_(True)
+
+        def floor_chunked():
+            for i in range(0, rows, chunk):
+                torch.bmm(gen[i:i + chunk], y[i:i + chunk].mT)
+                torch.bmm(A[i:i + chunk], y[i:i + chunk])
 
         def run(loss_fn):
-            x = gen.clone().requires_grad_(True)
-            loss = loss_fn(x)
-            loss.sum().backward()
+            x.grad = None
+            loss_fn(x).sum().backward()
 
-        ours = timeit(lambda: run(lambda x: drift_loss(x, pos, neg, w_neg=w_neg)[0]))
-        plain = timeit(lambda: run(lambda x: plain_drift_loss(x, pos, neg, w_neg)))
-        print(f"| {shape} | {floor * 1e3:.1f} | {ours * 1e3:.1f} | {ours / floor:.2f} | "
-              f"{plain * 1e3:.1f} | {plain / floor:.2f} |")
+        t = timeit_all({"floor": lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)),
+                        "chunked": floor_chunked,
+                        "ours": lambda: run(lambda x: drift_loss(x, pos, neg, w_neg=w_neg)[0]),
+                        "plain": lambda: run(lambda x: plain_drift_loss(x, pos, neg, w_neg))},
+                       repeat=11)
+        f, c, ours, plain = t["floor"], t["chunked"], t["ours"], t["plain"]
+        print(f"| {shape} | {f * 1e3:.1f} | {ours * 1e3:.1f} | {ours / f:.2f} | {c * 1e3:.1f} | "
+              f"{ours / c:.2f} | {plain * 1e3:.1f} | {plain / f:.2f} |")
 
 
 def _rss_kb(field):
@@ -127,7 +151,8 @@ def memory_child(mode, rows):
 def bench_memory(rows_list=(2048, 8192), big=65536):
     """Peak memory above the inputs (gen, pos, neg and gen.grad), in fresh subprocesses."""
     def peak(mode, rows):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(rows)],
+        out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(rows),
+                              "--threads", str(torch.get_num_threads())],
                              capture_output=True, text=True)
         if out.returncode != 0:
             return None
@@ -182,12 +207,113 @@ def bench_models():
               f"{cfg.input_size} | {t * 1e3:.0f} | {B / t:.0f} |")
 
 
+# tiny CPU presets -> the MAE preset their feature encoder has (train.py --stage mae makes it)
+TINY_MAE = {"S2": "tiny", "S4": "mnist", "S8": "pixel_tiny"}
+
+
+def tiny_setup(name):
+    """A tiny preset's generator, frozen random feature encoder(s) (S8: MAE + ConvNeXt, as the
+    pixel recipes) and a sampler over random data, with the preset's GEN_RECIPES sizes."""
+    import train
+    from data import TensorSampler
+    from encoder import (ACTIVATION_KWARGS, ConvNeXt_models, ConvNeXtV2, MAE_models, MAEConfig,
+                         MAEResNet, pixel_feature_groups)
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models
+    args = train.parser.parse_args(["--stage", "gen", "--model", name],
+                                   namespace=argparse.Namespace(**train.recipe("gen", name)))
+    torch.manual_seed(0)
+    cfg = DriftDiTConfig(**DriftDiT_models[name])
+    model = DriftDiT(cfg)
+    mae = MAEResNet(MAEConfig(**MAE_models[TINY_MAE[name]]), with_heads=False)
+    phi = mae.eval().requires_grad_(False)
+    if name == "S8":
+        convnext = ConvNeXtV2(**ConvNeXt_models["tiny"]).eval().requires_grad_(False)
+        phi = lambda x: pixel_feature_groups(mae, convnext, x, **ACTIVATION_KWARGS)
+    K = args.n_classes_per_step
+    images = torch.randn(K * 64, cfg.in_channels, cfg.input_size, cfg.input_size).clamp(-1, 1)
+    sampler = TensorSampler(images, torch.arange(K * 64) % K, args.seed)
+    return args, cfg, model, phi, sampler
+
+
+def bench_train():
+    """One generator step as train.py's fit() runs it: draw_groups, generator_loss (DriftDiT
+    forward, feature groups, drift_loss per group), backward, clip, AdamW, EMA."""
+    import train
+    print("\n### One `train.py --stage gen` step, tiny CPU presets (ms, median of 3)\n")
+    print("| preset | groups x (gen, pos, unc) | feature groups | drift-loss rows | step ms | "
+          "of which drift_loss ms | generated samples/s |")
+    print("|---|---|---|---|---|---|---|")
+    drift_loss_of_train = train.drift_loss
+    for name in TINY_MAE:
+        args, cfg, model, phi, sampler = tiny_setup(name)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                weight_decay=args.weight_decay)
+        groups, calls, field_s = range(args.n_classes_per_step), [], []
+
+        def timed_drift_loss(gen, *a, **kw):                         # drift_loss's share
+            t0 = time.perf_counter()
+            out = drift_loss_of_train(gen, *a, **kw)
+            calls.append((time.perf_counter() - t0, gen.shape[0]))
+            return out
+
+        def step(s=0):                                               # fit()'s loop body
+            calls.clear()
+            batch = train.draw_groups(sampler, cfg, args, s, groups)
+            loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            train.update_ema(ema, model, args.ema)
+            field_s.append(sum(c[0] for c in calls))
+
+        train.drift_loss = timed_drift_loss
+        try:
+            t = timeit(step, repeat=3, warmup=1)
+        finally:
+            train.drift_loss = drift_loss_of_train
+        n_gen = args.n_classes_per_step * args.gen_per_label
+        print(f"| {name} | {args.n_classes_per_step} x ({args.gen_per_label}, {args.n_pos}, "
+              f"{args.n_unc}) | {len(calls)} | {sum(c[1] for c in calls)} | {t * 1e3:.0f} | "
+              f"{sorted(field_s[1:])[1] * 1e3:.0f} | {n_gen / t:.0f} |")
+
+
+def bench_sample(batch=64):
+    """sample.py's one-step sampling (generate + decode to uint8) of the tiny presets, random
+    weights: the speed does not depend on them. S2 makes latents: its figure excludes the SD-VAE
+    decoder (no weights here), which costs far more than the generator."""
+    import sample
+    print(f"\n### `sample.py` one-step sampling, batch {batch} (median of 5)\n")
+    print("| preset | output | ms per batch | samples/s |")
+    print("|---|---|---|---|")
+    for name in TINY_MAE:
+        args, cfg, model, phi, sampler = tiny_setup(name)
+        model.eval()
+        labels = torch.arange(batch) % cfg.num_classes
+
+        @torch.no_grad()
+        def draw():
+            x = sample.generate(model, list(range(batch)), labels, 1.0, 0, "cpu")
+            return x if cfg.out_channels == sample.LATENT_CHANNELS else sample.decode(x)
+
+        t = timeit(draw, repeat=5, warmup=1)
+        kind = "latents (no VAE)" if cfg.out_channels == sample.LATENT_CHANNELS else "uint8"
+        print(f"| {name} | {cfg.out_channels}x{cfg.input_size}x{cfg.input_size} {kind} | "
+              f"{t * 1e3:.0f} | {batch / t:.0f} |")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Drifting benchmarks")
-    parser.add_argument("--only", choices=["loss", "memory", "models"], help="one table only")
+    parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample"],
+                        help="one table only")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default, one per core)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "ROWS"),
                         help=argparse.SUPPRESS)                      # internal
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
         sys.exit(0)
@@ -201,3 +327,7 @@ if __name__ == "__main__":
         bench_memory()
     if args.only in (None, "models"):
         bench_models()
+    if args.only in (None, "train"):
+        bench_train()
+    if args.only in (None, "sample"):
+        bench_sample()

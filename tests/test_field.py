@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from field import drift_field, drift_loss
+from field import LOG2E, _affinity_both, drift_field, drift_loss
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = sorted(glob.glob(os.path.join(FIXTURES, "drift_*.safetensors")))
@@ -252,3 +252,26 @@ def test_chunked_equals_whole(chunk_rows, budget):
     assert rel_err(part[2], whole[2]) < 1e-6
     for k in whole[1]:
         assert rel_err(part[1][k].reshape(1), whole[1][k].reshape(1)) < 1e-6
+
+
+@pytest.mark.parametrize("floor", [1e-6, 0.0])
+def test_affinity_log2_form_equals_softmax_form(floor):
+    """drift_loss computes A = sqrt(max(softmax_j(l) softmax_i(l), floor)), l = -d / tau, as
+    exp2 of a log-space expression with a row factor taken out (field._affinity_both, the fast
+    path). It equals the official form, evaluated here in float64, to float32 rounding: also
+    for rows and columns far from everything (exp(l) underflows: log-space needed), the +100
+    self-mask and the smallest temperature, where every exponent spans hundreds of octaves."""
+    g = torch.Generator().manual_seed(10)
+    d = torch.rand(3, 12, 20, generator=g) * 2 + 0.2                 # normalized distances
+    d[0, 3] += 4.0                                                   # a generated outlier row
+    d[1, :, 7] += 3.0                                                # a target far from all
+    d[2, :, :12].diagonal(dim1=-2, dim2=-1).add_(100.0)              # the self-mask
+    taus = (0.02, 0.05, 0.2)
+    c = torch.tensor([-LOG2E / tau for tau in taus])[:, None, None]
+    A, Zr = _affinity_both(d, c, floor)
+    A = A / Zr.sqrt()                                                # (3, T, 12, 20)
+    l = -d.double()[:, None] / torch.tensor(taus, dtype=torch.float64)[:, None, None]
+    p = l.softmax(-1) * l.softmax(-2)
+    assert (p < 1e-60).any() and (p > 0.5).any()                     # both extremes occur
+    ref = p.clamp_min(floor).sqrt()
+    torch.testing.assert_close(A.double(), ref, rtol=2e-5, atol=1e-30)
