@@ -140,6 +140,13 @@ class Subset:
         return self.source.get(self.idx[i], generator)
 
 
+def take(images, idx, generator):
+    """Items idx (any shape) of a tensor or an on-demand source -> (*idx.shape, C, H, W)."""
+    if isinstance(images, torch.Tensor):
+        return images[idx]
+    return images.get(idx.flatten(), generator).unflatten(0, idx.shape)
+
+
 def subset(images, idx):
     """images[idx] for a tensor, a Subset view for an on-demand source."""
     return images[idx] if isinstance(images, torch.Tensor) else Subset(images, idx)
@@ -159,10 +166,7 @@ class TensorSampler:
         self.by_class = [torch.nonzero(labels == c).flatten() for c in self.classes]
 
     def take(self, idx, generator):
-        """Items idx (any shape) -> (*idx.shape, C, H, W)."""
-        if isinstance(self.images, torch.Tensor):
-            return self.images[idx]
-        return self.images.get(idx.flatten(), generator).unflatten(0, idx.shape)
+        return take(self.images, idx, generator)
 
     def batch(self, n):
         """n distinct random items -> (images (n, ...), labels (n,))."""
@@ -466,13 +470,14 @@ def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, se
             for lo in range(k * shard_size, min(len(paths), (k + 1) * shard_size), batch):
                 ids = list(range(lo, min(lo + batch, len(paths), (k + 1) * shard_size)))
                 loaded = pool.map(lambda i: load_rgb(paths[i]), ids)
-                x = []
+                x, ok = [], []
                 for i, image in zip(ids, loaded):
                     if image is None:
                         skipped.append(os.path.relpath(paths[i], images))
                     else:
-                        kept.append(i)
+                        ok.append(i)
                         x.append(to_tensor(center_crop_arr(image, size)))
+                kept += ok
                 bar.update(len(ids))
                 if not x:
                     continue
@@ -480,7 +485,7 @@ def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, se
                 with torch.no_grad():
                     mean, std = vae.posterior(torch.cat([x, x.flip(3)]))   # (2n, 4, h, w)
                 eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator()
-                                   .manual_seed(seed * 10 ** 9 + i)) for i in kept[-len(x):]])
+                                   .manual_seed(seed * 10 ** 9 + i)) for i in ok])
                 z = (mean + std * eps.to(device).repeat(2, 1, 1, 1)) * VAE_SCALE
                 latents.append(torch.stack(z.float().cpu().chunk(2), 1))   # (n, 2, 4, h, w)
             f = 2 ** (len(vae.cfg.channels) - 1)                  # 8 for the SD-VAE

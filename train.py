@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (CACHE_MAKE, TOY_DATA, ImageFolder, LatentCache, TensorSampler, mnist5k,
-                  split_per_class, subset)
+                  split_per_class, subset, take)
 from encoder import (ACTIVATION_KWARGS, MAE_models, ConvNeXt_models, MAEConfig, MAEResNet,
                      convnext_from_hf, feature_groups, mae_from_state, masked_l2, patch_mask,
                      patchify, pixel_feature_groups, unpatchify)
@@ -667,7 +667,7 @@ def train_mae(args, ctx):
     if not ctx.master:
         return None
     # Held-out digits, fixed masks: the EMA and raw weights against the mean-image baseline.
-    pick = lambda idx: TensorSampler(images, labels, 0).take(idx, torch.Generator())
+    pick = lambda idx: take(images, idx, torch.Generator())   # (flips: a fixed generator)
     x_held = pick(held_idx).to(ctx.device)
     mean_image = pick(train_idx[::max(1, len(train_idx) // 5000)]).mean(0).to(ctx.device)
     ema_loss, baseline = mae_eval(ema, x_held, mean_image, seed=10_001)
@@ -851,7 +851,8 @@ def train_gen(args, ctx):
     if ctx.master:
         print(f"DriftDiT {preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params | phi {phi_params / 1e6:.2f}M ({args.mae_ckpt}"
-              f"{' + ' + args.convnext if args.convnext else ''}) | {len(labels)} images, {len(sampler.classes)} classes | "
+              f"{' + ' + args.convnext if args.convnext else ''}) | {len(labels)} images, "
+              f"{len(sampler.classes)} classes | "
               f"{per_rank} groups x ({args.gen_per_label} gen, {args.n_pos} pos, {args.n_unc} "
               f"unc) per rank")
 
