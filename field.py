@@ -26,7 +26,7 @@ import torch
 # Names follow the official drift_loss.py so the two can be read side by side.
 
 KERNEL_NORMS = ("both", "y", "none", "per_set")
-CHUNK_BYTES = 2 ** 22          # float32 working set of a chunk of rows: affinities, targets, forces
+CHUNK_BYTES = 2 ** 23          # float32 working set of a chunk of rows: affinities, targets, forces
 LOG2E = 1.0 / math.log(2.0)    # exp(l) = exp2(l * LOG2E)
 MEMORY_BUDGET = 2 ** 31        # bytes drift_loss may keep across its passes before recomputing
 
@@ -170,32 +170,33 @@ class _FixedPointLoss(torch.autograd.Function):
         return res.mul_(scale), None, None                           # the buffer, once more
 
 
-def _forces(d_n, y, w, C_p, taus, kernel_norm, floor, buf=None):
-    """Normalized distances d_n (r, C_g, M), targets y (r, M, S), weights w (r, M) or None
-    -> V_tau for every tau, (r, T, C_g, S), in the units of y. All temperatures at once: one
-    (r, T, C_g, M) buffer `buf` (optional, reused across chunks: a fresh multi-MB tensor
-    costs page faults on every chunk), worked on in place, and one matrix product."""
-    r, C_g, M = d_n.shape
-    T, n_neg = len(taus), M - C_p
-    # Logits in bits, l = -d log2(e) / tau, so every exponential is an exp2: the same numbers,
-    # and torch's exp2 measured 4x faster than exp on our CPU (torch 2.13, AVX-512).
-    c = d_n.new_tensor([-LOG2E / tau for tau in taus])[:, None, None]   # (T, 1, 1)
+def _forces(d, y, w, C_p, inv_tau, kernel_norm, floor, out_scale, bufs=None):
+    """Distances d (r, C_g, M), targets y (r, M, S), weights w (r, M) or None, inverse
+    temperatures inv_tau (T, 1, 1) in d's units -> out_scale * V_tau for every tau,
+    (r, T, C_g, S), in the units of y. All temperatures at once: (r, T, C_g, M) buffers `bufs`
+    (optional, reused across chunks: a fresh multi-MB tensor costs page faults on every
+    chunk), worked on in place, and one matrix product."""
+    r, C_g, M = d.shape
+    T, n_neg = inv_tau.shape[0], M - C_p
     if kernel_norm == "both":
-        A, Zr = _affinity_both(d_n, c, floor, buf)                  # (r, T, C_g, M), (.., 1)
+        # Logits in bits (l = -d log2(e) / tau), so every exponential is an exp2: the same
+        # numbers, and torch's exp2 is several times faster than exp on our CPUs (torch 2.13).
+        A, rZr = _affinity_both(d, inv_tau * (-0.5 * LOG2E), floor, bufs)  # A' = A sqrt(Zr)
+        norm = out_scale / rZr.square()                              # (r, T, C_g, 1)
     else:
-        neg_inv_tau = d_n.new_tensor([-1.0 / tau for tau in taus])[:, None, None]
-        A = _log_affinity(d_n[:, None] * neg_inv_tau, C_p, kernel_norm)   # log A
+        A = _log_affinity(d[:, None] * -inv_tau, C_p, kernel_norm)   # log A
         if floor > 0 and kernel_norm != "none":
             A.clamp_min_(0.5 * math.log(floor))                      # sqrt(max(p, floor))
-        A, Zr = A.exp_(), None                                       # (r, T, C_g, M)
+        A, norm = A.exp_(), out_scale                                # (r, T, C_g, M)
     if w is not None:
         A.mul_(w[:, None, None, :])                                  # CFG weights after norm
     # Alg. 2 step 5 as signed coefficients [-S_pos A_neg, S_neg A_pos] (rows sum to 0), then
-    # one matrix product: V = S_neg (A_pos @ y_pos) - S_pos (A_neg @ y_neg).
+    # one matrix product: V = S_neg (A_pos @ y_pos) - S_pos (A_neg @ y_neg). With A = A' /
+    # sqrt(Zr_i) both factors carry 1 / sqrt(Zr_i): the row sums take 1 / Zr_i (and
+    # out_scale), and no pass over A divides.
     A_neg, A_pos = A[..., :n_neg], A[..., n_neg:]
-    S_neg, S_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)   # (r, T, C_g, 1)
-    if Zr is not None:                                               # A = A' / sqrt(Zr_i)
-        S_neg, S_pos = S_neg / Zr, S_pos / Zr
+    S_neg = A_neg.sum(-1, keepdim=True).mul_(norm)                   # (r, T, C_g, 1)
+    S_pos = A_pos.sum(-1, keepdim=True).mul_(norm)
     A_neg.mul_(-S_pos)
     A_pos.mul_(S_neg)
     # NOTE: official code computes R y - (sum_j R_ij) x; the coefficient sum is 0 up to
@@ -203,38 +204,45 @@ def _forces(d_n, y, w, C_p, taus, kernel_norm, floor, buf=None):
     return torch.bmm(A.view(r, T * C_g, M), y).view(r, T, C_g, -1)  # (r, T, C_g, S)
 
 
-def _affinity_both(d_n, c, floor, buf=None):
+def _affinity_both(d, h, floor, bufs=None):
     """Eq. (17) with the official floor, A = sqrt(max(softmax_j(l) softmax_i(l), floor)), for
-    logits in bits l = c d (c (T, 1, 1)): all T temperatures in one (r, T, C_g, M) buffer.
+    logits in bits l = 2 h d (h = -log2(e) / (2 tau), (T, 1, 1)): all T temperatures at once.
 
-    Written out in log space, with m_i = c min_j d_ij the row max of l, n_j = c min_i d_ij the
-    column max, Zr_i = sum_j 2^(l_ij - m_i) >= 1 and Zc_j = sum_i 2^(l_ij - n_j) >= 1:
-        log2 A = l_ij - (m_i + log2 Zr_i) / 2 - (n_j + log2 Zc_j) / 2
-               = (c / 2) (d_ij - min_j d + d_ij - min_i d) - log2(Zr_i) / 2 - log2(Zc_j) / 2.
-    Returned as A' = A sqrt(Zr_i) and Zr_i (r, T, C_g, 1): V is quadratic in A (S_neg A_pos -
-    S_pos A_neg), so dividing the row sums S by Zr_i gives the field; no pass divides A.
-    Three exp2 passes instead of two softmaxes, a product, a clamp and a square root (tested
-    equal to that form in float64). Every exponent is <= 0 (no overflow), and A's is floored
-    before exp2, so A stays a normal float.
-    NOTE: exp2 of an exponent below -126 (a term < 2^-126 of its row's or column's largest:
-    far targets, the masked diagonal) takes a slower path in torch; the result is the same.
+    With m_i = min_j d_ij and n_j = min_i d_ij (where each row's and column's logit peaks),
+        row_ij = 2^(h (d_ij - m_i)),   col_ij = 2^(h (d_ij - n_j)),   both in (0, 1],
+    the kernel shifted by its row maximum is row^2 and by its column maximum col^2, so
+        softmax_j(l) = row^2 / Zr_i,  Zr_i = sum_j row_ij^2 >= 1;  softmax_i(l) = col^2 / Zc_j,
+        A = row col / sqrt(Zr_i Zc_j).
+    Two exp2 passes per element (three before: row sums, column sums, A itself; tested
+    equal to the official form in float64). Returned as A' = A sqrt(Zr_i) = row col / sqrt(Zc_j)
+    and sqrt(Zr_i) (r, T, C_g, 1): V is quadratic in A (S_neg A_pos - S_pos A_neg), so the
+    row factor goes into the row sums, not into another pass over A.
+    Exponents are clamped at `lo`: a product of two numbers >= 2^-50 stays a normal float
+    (torch's exp2 and multiplies take a slow path on denormals, measured 2x per element), and
+    a term clamped up to 2^-50 is far below both the floor, which replaces it, and float32
+    rounding of the sums (each >= 1). Without a floor the clamp is float32's own, 2^-126.
     """
-    d_row = d_n - d_n.amin(-1, keepdim=True)                         # (r, C_g, M) >= 0
-    d_col = d_n - d_n.amin(-2, keepdim=True)                         # (r, C_g, M) >= 0
-    # Passes 1-2: row sums and column sums of the kernel, each shifted by its max.
-    Zr = torch.mul(d_row[:, None], c, out=buf).exp2_().sum(-1, keepdim=True)  # (r, T, C_g, 1)
-    Zc = torch.mul(d_col[:, None], c, out=buf).exp2_().sum(-2, keepdim=True)  # (r, T, 1, M)
-    # Pass 3: log2 A' = (c / 2)(d_row + d_col) - log2(Zc_j) / 2, one multiply-add; the floor in
-    # the exponent: A >= sqrt(floor) <=> log2 A' >= (log2 floor + log2 Zr_i) / 2.
-    A = torch.addcmul(Zc.log2_().mul_(-0.5), d_row.add_(d_col)[:, None], c * 0.5, out=buf)
-    if floor > 0:
-        A.clamp_min_(Zr.log2().add_(math.log2(floor)).mul_(0.5))
-    return A.exp2_(), Zr                                             # (r, T, C_g, M), A'
+    lo = -50.0 if floor >= 2.0 ** -96 else -126.0
+    row, col = (None, None) if bufs is None else bufs
+    # (addcmul: h d - h n_j in one pass, rounded like the official logits minus their max)
+    col = torch.addcmul(d.amin(-2, keepdim=True)[:, None] * -h, d[:, None], h, out=col)
+    col.clamp_min_(lo).exp2_()                                       # (r, T, C_g, M)
+    rZc = torch.mul(col, col, out=row).sum(-2, keepdim=True).sqrt_()  # (r, T, 1, M)
+    # (not an addcmul here: a row-wise (.., 1) shift broadcast along the inner dimension is
+    # 4x slower than the subtraction and the multiply)
+    row = torch.mul((d - d.amin(-1, keepdim=True))[:, None], h, out=row)
+    row.clamp_min_(lo).exp2_()                                       # (r, T, C_g, M)
+    rZr = torch.linalg.vector_norm(row, dim=-1, keepdim=True)        # (r, T, C_g, 1)
+    A = row.mul_(col.mul_(rZc.reciprocal_()))                        # A'
+    if floor > 0:                                                    # A >= sqrt(floor)
+        A.clamp_min_(rZr * math.sqrt(floor))
+    return A, rZr
 
 
 def default_chunk_rows(C_g, M, S, T):
-    """Rows per chunk: the chunk's affinities, targets and forces fill CHUNK_BYTES (float32)."""
-    return max(1, CHUNK_BYTES // (4 * (T * C_g * M + M * S + T * C_g * S)))
+    """Rows per chunk: the chunk's two affinity buffers, targets and forces fill CHUNK_BYTES
+    (float32)."""
+    return max(1, CHUNK_BYTES // (4 * (2 * T * C_g * M + M * S + T * C_g * S)))
 
 
 def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_budget):
@@ -249,7 +257,7 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     chunk = chunk_rows or default_chunk_rows(C_g, M, S, T)
     chunks = [slice(i, min(i + chunk, B)) for i in range(0, B, chunk)]
     keep = 4 * B * (C_g * M + M * S + T * C_g * S) <= memory_budget
-    buf = x.new_empty(min(chunk, B) * T * C_g * M)                  # the affinities, reused
+    bufs = x.new_empty(2, min(chunk, B) * T * C_g * M)              # affinities, reused
     y_of = lambda r: torch.cat([x[r], neg[r], pos[r]], dim=1)       # (r, M, S) targets
     w_of = lambda r: None if w is None else w[r]
 
@@ -272,14 +280,17 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     scale = (stats[0] / stats[1]).float()                            # mean(w d) / mean(w)
     s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
 
+    # Distances are normalized by `scale` (mean ~1) through the temperatures: d / (tau scale).
+    inv_tau = 1.0 / (x.new_tensor(taus)[:, None, None] * scale.clamp_min(1e-3))   # (T, 1, 1)
+
     def forces(i, r):                                                # (r, T, C_g, S) / s_in
         y = ys[i] if keep else y_of(r)
-        d = dists[i] if keep else _cdist(x[r], y)
-        d_n = d.div_(scale.clamp_min(1e-3))                          # (r, C_g, M), mean ~1
+        d = dists[i] if keep else _cdist(x[r], y)                    # (r, C_g, M)
         # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
-        d_n[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0)
-        A = buf[:len(d_n) * T * C_g * M].view(len(d_n), T, C_g, M)
-        return _forces(d_n, y, w_of(r), C_p, taus, kernel_norm, floor, A).div_(s_in)
+        d[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0 * scale.clamp_min(1e-3))
+        n = len(d) * T * C_g * M
+        A = [b[:n].view(len(d), T, C_g, M) for b in bufs]
+        return _forces(d, y, w_of(r), C_p, inv_tau, kernel_norm, floor, 1.0 / s_in, A)
 
     # Pass 2. Drift normalization (Eq. 23-25): mean square of each tau's field, all rows.
     sq, kept = x.new_zeros(T, dtype=torch.float64), []

@@ -257,9 +257,9 @@ def test_chunked_equals_whole(chunk_rows, budget):
 @pytest.mark.parametrize("floor", [1e-6, 0.0])
 def test_affinity_log2_form_equals_softmax_form(floor):
     """drift_loss computes A = sqrt(max(softmax_j(l) softmax_i(l), floor)), l = -d / tau, as
-    exp2 of a log-space expression with a row factor taken out (field._affinity_both, the fast
-    path). It equals the official form, evaluated here in float64, to float32 rounding: also
-    for rows and columns far from everything (exp(l) underflows: log-space needed), the +100
+    a product of row- and column-shifted exp2 factors with the row factor taken out
+    (field._affinity_both, the fast path). It equals the official form, evaluated here in
+    float64, to float32 rounding: also for rows and columns far from everything (exp(l) underflows: log-space needed), the +100
     self-mask and the smallest temperature, where every exponent spans hundreds of octaves."""
     g = torch.Generator().manual_seed(10)
     d = torch.rand(3, 12, 20, generator=g) * 2 + 0.2                 # normalized distances
@@ -267,9 +267,9 @@ def test_affinity_log2_form_equals_softmax_form(floor):
     d[1, :, 7] += 3.0                                                # a target far from all
     d[2, :, :12].diagonal(dim1=-2, dim2=-1).add_(100.0)              # the self-mask
     taus = (0.02, 0.05, 0.2)
-    c = torch.tensor([-LOG2E / tau for tau in taus])[:, None, None]
-    A, Zr = _affinity_both(d, c, floor)
-    A = A / Zr.sqrt()                                                # (3, T, 12, 20)
+    h = torch.tensor([-LOG2E / (2 * tau) for tau in taus])[:, None, None]
+    A, rZr = _affinity_both(d, h, floor)
+    A = A / rZr                                                      # (3, T, 12, 20)
     l = -d.double()[:, None] / torch.tensor(taus, dtype=torch.float64)[:, None, None]
     p = l.softmax(-1) * l.softmax(-2)
     assert (p < 1e-60).any() and (p > 0.5).any()                     # both extremes occur
