@@ -213,8 +213,8 @@ def _affinity_both(d, h, floor, bufs=None):
     the kernel shifted by its row maximum is row^2 and by its column maximum col^2, so
         softmax_j(l) = row^2 / Zr_i,  Zr_i = sum_j row_ij^2 >= 1;  softmax_i(l) = col^2 / Zc_j,
         A = row col / sqrt(Zr_i Zc_j).
-    Two exp2 passes per element (three before: row sums, column sums, A itself; tested
-    equal to the official form in float64). Returned as A' = A sqrt(Zr_i) = row col / sqrt(Zc_j)
+    Two exp2 per element, where log-space forms need three (row sums, column sums, A); tested
+    equal to the official form in float64. Returned as A' = A sqrt(Zr_i) = row col / sqrt(Zc_j)
     and sqrt(Zr_i) (r, T, C_g, 1): V is quadratic in A (S_neg A_pos - S_pos A_neg), so the
     row factor goes into the row sums, not into another pass over A.
     Exponents are clamped at `lo`: a product of two numbers >= 2^-50 stays a normal float
