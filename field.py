@@ -281,13 +281,14 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
 
     # Distances are normalized by `scale` (mean ~1) through the temperatures: d / (tau scale).
-    inv_tau = 1.0 / (x.new_tensor(taus)[:, None, None] * scale.clamp_min(1e-3))   # (T, 1, 1)
+    d_unit = scale.clamp_min(1e-3)
+    inv_tau = 1.0 / (x.new_tensor(taus)[:, None, None] * d_unit)    # (T, 1, 1)
 
     def forces(i, r):                                                # (r, T, C_g, S) / s_in
         y = ys[i] if keep else y_of(r)
         d = dists[i] if keep else _cdist(x[r], y)                    # (r, C_g, M)
         # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
-        d[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0 * scale.clamp_min(1e-3))
+        d[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0 * d_unit)
         n = len(d) * T * C_g * M
         A = [b[:n].view(len(d), T, C_g, M) for b in bufs]
         return _forces(d, y, w_of(r), C_p, inv_tau, kernel_norm, floor, 1.0 / s_in, A)
