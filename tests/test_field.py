@@ -255,12 +255,13 @@ def test_chunked_equals_whole(chunk_rows, budget):
 
 
 @pytest.mark.parametrize("floor", [1e-6, 0.0])
-def test_affinity_log2_form_equals_softmax_form(floor):
+def test_affinity_exp2_factors_equal_softmax_form(floor):
     """drift_loss computes A = sqrt(max(softmax_j(l) softmax_i(l), floor)), l = -d / tau, as
     a product of row- and column-shifted exp2 factors with the row factor taken out
     (field._affinity_both, the fast path). It equals the official form, evaluated here in
-    float64, to float32 rounding: also for rows and columns far from everything (exp(l) underflows: log-space needed), the +100
-    self-mask and the smallest temperature, where every exponent spans hundreds of octaves."""
+    float64, to float32 rounding: also for rows and columns far from everything (exp(l)
+    underflows: the shifts are needed), the +100 self-mask and the smallest temperature,
+    where every exponent spans hundreds of octaves."""
     g = torch.Generator().manual_seed(10)
     d = torch.rand(3, 12, 20, generator=g) * 2 + 0.2                 # normalized distances
     d[0, 3] += 4.0                                                   # a generated outlier row
