@@ -287,7 +287,8 @@ def _goal(x, pos, neg, w, taus, kernel_norm, floor, reduce, chunk_rows, memory_b
     def forces(i, r):                                                # (r, T, C_g, S) / s_in
         y = ys[i] if keep else y_of(r)
         d = dists[i] if keep else _cdist(x[r], y)                    # (r, C_g, M)
-        # Self-mask: +100 on the normalized gen-gen diagonal (official; notebook: 1e6 raw).
+        # Self-mask: +100 on the normalized gen-gen diagonal, i.e. +100 d_unit on the raw one
+        # (official; the notebook adds 1e6 to raw distances).
         d[:, :, :C_g].diagonal(dim1=-2, dim2=-1).add_(100.0 * d_unit)
         n = len(d) * T * C_g * M
         A = [b[:n].view(len(d), T, C_g, M) for b in bufs]
