@@ -1,5 +1,6 @@
 """Tests of field.py: golden parity with the official JAX drift_loss, and the paper's claims."""
 import glob
+import inspect
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from field import LOG2E, _affinity_both, drift_field, drift_loss
+from field import drift_field, drift_loss
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = sorted(glob.glob(os.path.join(FIXTURES, "drift_*.safetensors")))
@@ -254,25 +255,54 @@ def test_chunked_equals_whole(chunk_rows, budget):
         assert rel_err(part[1][k].reshape(1), whole[1][k].reshape(1)) < 1e-6
 
 
-@pytest.mark.parametrize("floor", [1e-6, 0.0])
-def test_affinity_exp2_factors_equal_softmax_form(floor):
-    """drift_loss computes A = sqrt(max(softmax_j(l) softmax_i(l), floor)), l = -d / tau, as
-    a product of row- and column-shifted exp2 factors with the row factor taken out
-    (field._affinity_both, the fast path). It equals the official form, evaluated here in
-    float64, to float32 rounding: also for rows and columns far from everything (exp(l)
-    underflows: the shifts are needed), the +100 self-mask and the smallest temperature,
-    where every exponent spans hundreds of octaves."""
-    g = torch.Generator().manual_seed(10)
-    d = torch.rand(3, 12, 20, generator=g) * 2 + 0.2                 # normalized distances
-    d[0, 3] += 4.0                                                   # a generated outlier row
-    d[1, :, 7] += 3.0                                                # a target far from all
-    d[2, :, :12].diagonal(dim1=-2, dim2=-1).add_(100.0)              # the self-mask
-    taus = (0.02, 0.05, 0.2)
-    h = torch.tensor([-LOG2E / (2 * tau) for tau in taus])[:, None, None]
-    A, rZr = _affinity_both(d, h, floor)
-    A = A / rZr                                                      # (3, T, 12, 20)
-    l = -d.double()[:, None] / torch.tensor(taus, dtype=torch.float64)[:, None, None]
-    p = l.softmax(-1) * l.softmax(-2)
-    assert (p < 1e-60).any() and (p > 0.5).any()                     # both extremes occur
-    ref = p.clamp_min(floor).sqrt()
-    torch.testing.assert_close(A.double(), ref, rtol=2e-5, atol=1e-30)
+def test_drift_field_keeps_self_mask_and_dtype_for_float64():
+    """A float64 x passed as its own negatives keeps the self-mask (the check `y_neg is x`
+    comes before any cast) and comes back float64, equal to the float32 field."""
+    g = torch.Generator().manual_seed(11)
+    x64, y64 = torch.randn(20, 2, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)
+    V64 = drift_field(x64, y64, x64, tau=0.3)
+    x32, y32 = x64.float(), y64.float()
+    V32 = drift_field(x32, y32, x32, tau=0.3)
+    assert V64.dtype == torch.float64
+    torch.testing.assert_close(V64.float(), V32, atol=1e-5, rtol=1e-4)
+    unmasked = drift_field(x64, y64, x64, tau=0.3, mask_self=False)
+    assert (unmasked - V64).abs().max() > 1e-2                       # the mask matters here
+
+
+def _pasted(fn):
+    """`fn` rebuilt from its source text alone, in a namespace holding only math and torch:
+    what a reader gets by pasting it into a notebook."""
+    namespace = {}
+    exec("import math, torch\n" + inspect.getsource(fn), namespace)
+    return namespace[fn.__name__]
+
+
+def test_pasted_drift_field_runs_the_seed_example():
+    """drift_field pasted alone (only `import math, torch`) reproduces the seed-000 worked
+    example (gen[0] = (0.5, 0) -> V = (0.5096, -0.2084)) and the module's own output."""
+    pasted = _pasted(drift_field)
+    clean = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.0, -1.0]])
+    gen = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5]])
+    V = pasted(gen, clean, gen, tau=0.5, kernel_norm="per_set")
+    torch.testing.assert_close(V[0], torch.tensor([0.50964, -0.20843]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pasted(gen, clean, gen, tau=0.5), drift_field(gen, clean, gen, tau=0.5))
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: os.path.basename(p)[6:-12])
+def test_pasted_drift_loss_matches_official(path):
+    """drift_loss pasted alone (only `import math, torch`) matches every golden case: loss,
+    info and gradient at the golden tolerances."""
+    pasted = _pasted(drift_loss)
+    t = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    gen = t["gen"].clone().requires_grad_(True)
+    loss, info = pasted(gen, t["fixed_pos"], t.get("fixed_neg"), t.get("weight_gen"),
+                        t.get("weight_pos"), t.get("weight_neg"),
+                        taus=tuple(json.loads(meta["R_list"])))
+    loss.sum().backward()
+    assert rel_err(loss.detach(), t["loss"]) < 1e-4
+    for k, v in info.items():
+        assert rel_err(v.reshape(1), t[f"info/{k}"]) < 1e-4, k
+    grad_tol = 1e-3 if meta["case"] in ("e_scale1e3", "g_tiny1e-4") else 1e-4
+    assert rel_err(gen.grad, t["grad_gen"]) < grad_tol
