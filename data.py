@@ -10,34 +10,25 @@ Data for Drifting Models.
   batches (Alg. 1 with a class-balanced draw, the loader the paper's A.8 calls more principled);
   `.draw_classes(n, g)` + `.draw_group(i, N_pos, N_unc, g)` draw the same from a caller's
   generator (train.py seeds one per step and group, so no rank count changes the groups).
-  `images` may be a tensor or any source with `.get(idx, generator)`: the two below.
+  `images` may be a tensor or any source with `.get(idx, generator)`: `ImageFolder` below,
+  cache.py's `LatentCache` (the SD-VAE latent cache, made by `torchrun ... cache.py`).
 - Image folders (ImageNet layout, root/<wnid>/*.JPEG, class = sorted folder order): the ADM
   center crop (`center_crop_arr`), the pixel models' RandomResizedCrop, `ImageFolder` (pixel
   data in [-1, 1], loaded on demand).
-- The latent cache: `torchrun --nproc_per_node=N data.py --cache --images DIR --vae FILE --out
-  DIR` encodes every image and its flip once with the SD-VAE (vae.py) into safetensors shards;
-  `LatentCache` reads them memory-mapped and picks the flip with p = 0.5.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
 """
-import argparse
 import gzip
-import hashlib
 import importlib.util
-import json
 import math
 import os
-import struct
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +122,7 @@ def _choose(n, k, g):
 
 
 class Subset:
-    """Items `idx` of an on-demand source (ImageFolder, LatentCache), itself a source."""
+    """Items `idx` of an on-demand source (ImageFolder, cache.LatentCache), itself a source."""
 
     def __init__(self, source, idx):
         self.source, self.idx, self.shape = source, idx, source.shape
@@ -155,8 +146,8 @@ def subset(images, idx):
 class TensorSampler:
     """Random minibatches of (images, labels). Seed it with seed * world + rank so that every
     rank draws its own stream; state_dict() / load_state_dict() resume it exactly. `images` is a
-    tensor (N, ...) in memory, or a source with `.get(idx, generator)` (ImageFolder,
-    LatentCache below) that loads items on demand and draws their random flips / crops from the
+    tensor (N, ...) in memory, or a source with `.get(idx, generator)` (ImageFolder below,
+    cache.LatentCache) that loads items on demand and draws their random flips / crops from the
     sampler's generator, so a seeded draw stays exactly repeatable."""
 
     def __init__(self, images, labels, seed):
@@ -203,7 +194,6 @@ class TensorSampler:
 
     def load_state_dict(self, state):
         self.g.set_state(state["generator"])
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,213 +325,6 @@ class ImageFolder:
             return torch.stack(list(pool.map(self._item, idx.tolist(), flips, seeds)))
 
 
-# ------------------------------------------------------------------------------------------
-# The latent cache: every image and its flip encoded once by the SD-VAE (official
-# dataset/latent.py), in safetensors shards that the sampler reads memory-mapped
-# ------------------------------------------------------------------------------------------
-CACHE_VERSION = "1"
-CACHE_MAKE = ("torchrun --nproc_per_node=N data.py --cache --images IMAGENET/train "
-              "--vae diffusion_pytorch_model.safetensors --out CACHE")
-
-
-def file_fingerprint(path):
-    """First 16 hex digits of the file's sha256: names the VAE weights a cache was made with."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def shard_path(root, k):
-    return os.path.join(root, f"shard_{k:05d}.safetensors")
-
-
-def read_cache_index(root):
-    path = os.path.join(root, "index.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no latent cache at {root!r} ({path} is missing); make one "
-                                f"with: {CACHE_MAKE}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def mmap_safetensors(path):
-    """A safetensors file as ({name: read-only np.memmap}, metadata), reading no tensor data:
-    the format is an 8-byte little-endian header size, a JSON header (dtype, shape, byte range
-    of each tensor) and the raw little-endian bytes."""
-    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-            size = os.fstat(f.fileno()).st_size
-        meta = header.pop("__metadata__", {})
-        arrays = {}
-        for name, h in header.items():
-            lo, hi = h["data_offsets"]
-            if 8 + n + hi > size:
-                raise ValueError(f"tensor {name} ends at byte {8 + n + hi} of {size}")
-            arrays[name] = (np.memmap(path, dtypes[h["dtype"]], "r", offset=8 + n + lo,
-                                      shape=tuple(h["shape"])) if hi > lo else
-                            np.zeros(h["shape"], dtypes[h["dtype"]]))
-    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f"latent cache shard {path} is corrupt ({e}); delete it and rerun "
-                         f"the cache command, which redoes missing shards") from e
-    return arrays, meta
-
-
-class LatentCache:
-    """The latent cache as a TensorSampler source: `.labels` (N,) in memory, the latents
-    (N, 2, 4, h, w) memory-mapped (original, flip), `.get(idx, generator)` -> (n, 4, h, w),
-    each item's original or flip with p = 0.5 (official LatentDataset). `vae` / `size`, when
-    given, must match what the cache was made with."""
-
-    def __init__(self, root, vae=None, size=None):
-        self.info = info = read_cache_index(root)
-        for key, want in (("vae", vae), ("size", size)):
-            if want is not None and info[key] != want:
-                raise ValueError(f"latent cache {root!r} was made with {key} {info[key]!r}, "
-                                 f"not {want!r}: make a new cache ({CACHE_MAKE})")
-        missing = [k for k in range(info["num_shards"]) if not os.path.exists(shard_path(root, k))]
-        if missing:
-            raise FileNotFoundError(f"latent cache {root!r} is incomplete: {len(missing)} of "
-                                    f"{info['num_shards']} shards missing (first: "
-                                    f"{shard_path(root, missing[0])}); rerun the cache command, "
-                                    f"it resumes")
-        self.latents, labels = [], []
-        for k in range(info["num_shards"]):
-            arrays, meta = mmap_safetensors(shard_path(root, k))
-            if meta.get("vae") != info["vae"] or meta.get("size") != str(info["size"]):
-                raise ValueError(f"{shard_path(root, k)} was made with VAE {meta.get('vae')} "
-                                 f"at size {meta.get('size')}, the rest of the cache with "
-                                 f"{info['vae']} at {info['size']}: delete the shard and rerun")
-            self.latents.append(arrays["latents"])              # (n_k, 2, 4, h, w) memmap
-            labels.append(torch.from_numpy(np.array(arrays["labels"])))
-        self.labels = torch.cat(labels)                         # (N,)
-        self.offsets = np.cumsum([0] + [len(a) for a in self.latents])
-        self.shape = tuple(self.latents[0].shape[2:])           # (4, h, w)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def get(self, idx, generator):
-        flip = (torch.rand(len(idx), generator=generator) < 0.5).long().tolist()   # 0/1, not
-        idx = idx.numpy()                                       # bools: numpy reads those as masks
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        rows = idx - self.offsets[shard]
-        out = np.stack([self.latents[s][r, f] for s, r, f in zip(shard, rows, flip)])
-        return torch.from_numpy(out)                            # (n, 4, h, w) float32
-
-
-def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, seed=0,
-                  device="cpu", rank=0, world=1, workers=8):
-    """Encode every image of the folder `images` and its horizontal flip with the SD-VAE:
-    posterior SAMPLE x 0.18215, the same noise for an image and its flip (official
-    create_cached_dataset). Shard k (images k*shard_size ...) goes to rank k % world and is
-    written whole, atomically: an interrupted run resumes by redoing missing shards. Noise is
-    seeded per image, so the cache does not depend on the world size or the batch. Unreadable
-    images are skipped with a warning and listed in their shard's metadata."""
-    from vae import VAE_SCALE, load_vae
-    paths, labels, classes = image_folder(images)
-    info = dict(version=CACHE_VERSION, images=os.path.abspath(images), num_images=len(paths),
-                classes=classes, size=size, vae=file_fingerprint(vae_path),
-                shard_size=shard_size, num_shards=math.ceil(len(paths) / shard_size), seed=seed)
-    os.makedirs(out, exist_ok=True)
-    index = os.path.join(out, "index.json")
-    if os.path.exists(index):
-        old = read_cache_index(out)
-        diff = [k for k in info if k != "images" and old.get(k) != info[k]]
-        if diff:
-            raise ValueError(f"{out!r} holds a cache made with other settings ({', '.join(f'{k}: {old.get(k)!r} vs {info[k]!r}' for k in diff if k != 'classes')}"
-                             f"{', other classes' if 'classes' in diff else ''}); pass a new "
-                             f"--out or delete it")
-    else:                                                       # every rank writes the same
-        with open(f"{index}.tmp{rank}", "w") as f:
-            json.dump(info, f)
-        os.replace(f"{index}.tmp{rank}", index)
-    vae = load_vae(vae_path, device)
-    todo = [k for k in range(rank, info["num_shards"], world) if not os.path.exists(shard_path(out, k))]
-    bar = tqdm(total=sum(min(len(paths), (k + 1) * shard_size) - k * shard_size for k in todo),
-               desc=f"cache (rank {rank})", disable=rank != 0, unit="img")
-    with ThreadPoolExecutor(workers) as pool:
-        for k in todo:
-            latents, kept, skipped = [], [], []
-            for lo in range(k * shard_size, min(len(paths), (k + 1) * shard_size), batch):
-                ids = list(range(lo, min(lo + batch, len(paths), (k + 1) * shard_size)))
-                loaded = pool.map(lambda i: load_rgb(paths[i]), ids)
-                x, ok = [], []
-                for i, image in zip(ids, loaded):
-                    if image is None:
-                        skipped.append(os.path.relpath(paths[i], images))
-                    else:
-                        ok.append(i)
-                        x.append(to_tensor(center_crop_arr(image, size)))
-                kept += ok
-                bar.update(len(ids))
-                if not x:
-                    continue
-                x = torch.stack(x).to(device)                   # (n, 3, size, size)
-                with torch.no_grad():
-                    mean, std = vae.posterior(torch.cat([x, x.flip(3)]))   # (2n, 4, h, w)
-                eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator()
-                                   .manual_seed(seed * 10 ** 9 + i)) for i in ok])
-                z = (mean + std * eps.to(device).repeat(2, 1, 1, 1)) * VAE_SCALE
-                latents.append(torch.stack(z.float().cpu().chunk(2), 1))   # (n, 2, 4, h, w)
-            f = 2 ** (len(vae.cfg.channels) - 1)                  # 8 for the SD-VAE
-            empty = torch.zeros(0, 2, vae.cfg.latent_channels, size // f, size // f)
-            tensors = {"latents": torch.cat(latents) if latents else empty,   # (n, 2, 4, h, w)
-                       "labels": labels[kept], "index": torch.tensor(kept, dtype=torch.long)}
-            save_file(tensors, shard_path(out, k) + ".tmp",
-                      dict(version=CACHE_VERSION, vae=info["vae"], size=str(size), shard=str(k),
-                           skipped=json.dumps(skipped)))
-            os.replace(shard_path(out, k) + ".tmp", shard_path(out, k))
-    bar.close()
-    return info
-
-
-
-def main_cache(argv=None):
-    """`torchrun --nproc_per_node=N data.py --cache ...` (or plain python: one process)."""
-    p = argparse.ArgumentParser(description="Encode an ImageNet-layout image folder and its "
-                                "flips into the SD-VAE latent cache that train.py --data "
-                                "latents reads. Resumable: rerun the same command.")
-    p.add_argument("--cache", action="store_true", help="make the latent cache (else: a demo)")
-    p.add_argument("--images", required=True, help="root/<class>/<image>, e.g. ILSVRC2012 train/")
-    p.add_argument("--vae", required=True, help="SD-VAE diffusion_pytorch_model.safetensors "
-                   "(stabilityai/sd-vae-ft-mse on Hugging Face)")
-    p.add_argument("--out", required=True, help="cache folder (index.json + shard_*.safetensors)")
-    p.add_argument("--size", type=int, default=256, help="ADM center-crop size (latent: size/8)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
-    p.add_argument("--batch", type=int, default=64, help="images per VAE call (x2 with flips)")
-    p.add_argument("--seed", type=int, default=0, help="posterior-sample noise seed")
-    p.add_argument("--workers", type=int, default=8, help="image-decoding threads per rank")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if any), cpu, cuda")
-    args = p.parse_args(argv)
-    ddp = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    if ddp:                                     # only barriers: gloo serves any device
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-    info = cache_latents(args.images, args.out, args.vae, args.size, args.shard_size, args.batch,
-                         args.seed, device, rank, world, args.workers)
-    if ddp:
-        dist.barrier()                          # every rank's shards are written
-    if rank == 0:
-        cache = LatentCache(args.out)
-        skipped = sum(len(json.loads(mmap_safetensors(shard_path(args.out, k))[1]["skipped"]))
-                      for k in range(info["num_shards"]))
-        disk = sum(os.path.getsize(shard_path(args.out, k)) for k in range(info["num_shards"]))
-        print(f"latent cache {args.out}: {len(cache)} images x 2 flips of {cache.shape}, "
-              f"{len(info['classes'])} classes, {skipped} unreadable files skipped, "
-              f"{info['num_shards']} shards, {disk / 1e9:.3f} GB")
-    if ddp:
-        dist.destroy_process_group()
-
-
 def demo():
     """Print the toy sets, MNIST-5k and one grouped draw."""
     g = torch.Generator().manual_seed(0)
@@ -558,7 +341,4 @@ def demo():
 
 
 if __name__ == "__main__":
-    if "--cache" in sys.argv:   # python data.py --cache ...: make the latent cache
-        main_cache()
-    else:                       # python data.py: look at the data
-        demo()
+    demo()

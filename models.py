@@ -357,13 +357,14 @@ class DriftDiT(nn.Module):
 # the tensors under their state_dict names (a training run adds its EMA under "ema/"), and
 # metadata {"kind", "config": JSON of the model's config dataclass, ...}. convert.py writes it
 # for the official weights, train.py for its runs.
-def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, **meta):
-    """Write `model`'s weights (+ `ema`'s under "ema/") and config to `path`, atomically."""
+def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, config=None, **meta):
+    """Write `model`'s weights (+ `ema`'s under "ema/") and config (default: the model's
+    config dataclass) to `path`, atomically."""
     from safetensors.torch import save_file  # lazy: models.py itself needs only torch
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if ema is not None:
         sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    metadata = {"kind": kind, "config": json.dumps(asdict(model.cfg)),
+    metadata = {"kind": kind, "config": json.dumps(asdict(model.cfg) if config is None else config),
                 **{k: str(v) for k, v in meta.items()}}
     save_file(sd, str(path) + ".tmp", metadata=metadata)
     os.replace(str(path) + ".tmp", path)                       # never a half-written file

@@ -89,6 +89,23 @@ def save_grid(images, rows, path, pad=2):
     Image.fromarray(grid[..., 0] if C == 1 else grid).save(path)
 
 
+def save_curves(path, series, title="", ylabel="", logy=True):
+    """Line plot of named series {name: (steps, values)} to a PNG (matplotlib): the training
+    curves of toy.py and train.py."""
+    import matplotlib
+    matplotlib.use("Agg")                                            # files only, no window
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, (steps, values) in series.items():
+        ax.plot(steps, values, label=name)
+    ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if logy else "linear")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,  # --help shows the commands
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

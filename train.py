@@ -52,8 +52,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CACHE_MAKE, TOY_DATA, ImageFolder, LatentCache, TensorSampler, mnist5k,
-                  split_per_class, subset, take)
+from cache import CACHE_MAKE, LatentCache
+from data import TOY_DATA, ImageFolder, TensorSampler, mnist5k, split_per_class, subset, take
 from encoder import (ACTIVATION_KWARGS, MAE_models, ConvNeXt_models, MAEConfig, MAEResNet,
                      convnext_from_hf, feature_groups, mae_from_state, masked_l2, patch_mask,
                      patchify, pixel_feature_groups, unpatchify)
@@ -74,7 +74,7 @@ parser.add_argument("--device", default="cpu",
                     help="cpu | cuda | auto (cuda if available); torchrun uses cuda:LOCAL_RANK")
 parser.add_argument("--data", default="checkerboard",
                     help=f"toy: one of {list(TOY_DATA)}; mae, gen: mnist5k, latents (a latent "
-                         f"cache made by data.py --cache), images (an ImageNet-layout folder)")
+                         f"cache made by cache.py), images (an ImageNet-layout folder)")
 parser.add_argument("--data-path", default=None,
                     help="mnist5k: the csv.gz (default: built-in copy); latents: the cache "
                          "folder; images: root/<class>/<image>")

@@ -1,12 +1,13 @@
-"""Tests of the toy 2-D pieces: data.py distributions, the energy distance, the toy run."""
+"""Tests of toy.py: the 2-D distributions, the energy distance, the toy run."""
 import json
 import os
 
 import torch
 from safetensors import safe_open
 
-import train
-from data import TOY_DATA, checkerboard
+import toy
+from models import MLP
+from toy import TOY_DATA, checkerboard
 
 
 def test_checkerboard_lives_on_the_dark_cells():
@@ -34,27 +35,28 @@ def test_energy_distance():
     and clearly larger for a shifted distribution."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(2000, 2, generator=g), torch.randn(2000, 2, generator=g)
-    assert abs(train.energy_distance(x, x)) < 1e-12
-    floor = train.energy_distance(x, y)
+    assert abs(toy.energy_distance(x, x)) < 1e-12
+    floor = toy.energy_distance(x, y)
     expected = 2 * torch.cdist(x.double(), x.double()).mean().item() / 2000
     assert 0.3 * expected < floor < 3 * expected
-    assert train.energy_distance(x, y + 0.3) > 20 * floor
+    assert toy.energy_distance(x, y + 0.3) > 20 * floor
 
 
 def test_short_toy_run_learns(tmp_path):
     """A short toy run moves q toward p: the energy distance falls far below that of the
-    untrained generator, and the run writes its picture, strip, weights and log."""
-    args = train.parser.parse_args(["--steps", "150", "--batch", "256", "--n-pos", "256",
-                                    "--eval-n", "1000", "--frames", "0,150",
-                                    "--out", str(tmp_path)])
-    untrained = train.MLP()
+    untrained generator, and the run writes its picture, strip, curves, weights and log."""
+    args = toy.parser.parse_args(["--steps", "150", "--batch", "256", "--n-pos", "256",
+                                  "--eval-n", "1000", "--frames", "0,150",
+                                  "--out", str(tmp_path)])
+    untrained = MLP()
     torch.manual_seed(args.seed)
     held = checkerboard(1000, torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ed0 = train.energy_distance(untrained(torch.randn(1000, 32)), held)
-    summary = train.train_toy(args)
+        ed0 = toy.energy_distance(untrained(torch.randn(1000, 32)), held)
+    summary = toy.train(args)
     assert summary["energy_distance"] < 0.2 * ed0
-    for name in ("toy.png", "toy_evolution.png", "model.safetensors", "log.txt"):
+    for name in ("toy.png", "toy_evolution.png", "toy_curves.png", "model.safetensors",
+                 "log.txt"):
         assert (tmp_path / name).stat().st_size > 0
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["config"])["kind"] == "mlp"

@@ -144,7 +144,7 @@ def test_unknown_data_source_is_refused(capsys):
     assert "['mnist5k', 'latents', 'images']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "mae", "--data", "latents"])
-    assert "data.py --cache" in capsys.readouterr().err
+    assert "cache.py --images" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
