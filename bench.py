@@ -216,8 +216,8 @@ def tiny_setup(name):
     pixel recipes) and a sampler over random data, with the preset's GEN_RECIPES sizes."""
     import train
     from data import TensorSampler
-    from encoder import (ACTIVATION_KWARGS, ConvNeXt_models, ConvNeXtV2, MAE_models, MAEConfig,
-                         MAEResNet, pixel_feature_groups)
+    from convnext import ConvNeXt_models, ConvNeXtV2, pixel_feature_groups
+    from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet
     from models import DriftDiT, DriftDiTConfig, DriftDiT_models
     args = train.parser.parse_args(["--stage", "gen", "--model", name],
                                    namespace=argparse.Namespace(**train.recipe("gen", name)))

@@ -15,6 +15,7 @@ Paper: Generative Modeling via Drifting, arXiv:2602.04770.
 import argparse
 import json
 import os
+import re
 from functools import partial
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from encoder import mae_from_official
+from encoder import MAEConfig, MAEResNet
 from models import DriftDiT, save_checkpoint
 
 # ------------------------------------------------------------------------------------------
@@ -57,8 +58,8 @@ def _ext_hook(code, data):
         dtype, buf = msgpack.unpackb(data)
         return _decode(dtype, buf)[0]
     if code == _EXT_COMPLEX:
-        re, im = msgpack.unpackb(data)
-        return complex(re, im)
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
     raise ValueError(f"unknown flax msgpack extension type {code}")
 
 
@@ -223,11 +224,77 @@ def convert_gen(model_config, flat):
 
 
 # ------------------------------------------------------------------------------------------
+# Feature encoder (kind "mae"): official MAEResNetJAX -> our encoder.MAEResNet
+# ------------------------------------------------------------------------------------------
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def official_to_torch_name(name):
+    """'encoder/stages_1/layers_0/proj_gn/scale' -> 'encoder.stages.1.0.proj_gn.weight'. Our
+    modules carry the official names, so only the stage/block lists and leaves are renamed."""
+    name = re.sub(r"stages_(\d+)/layers_(\d+)", r"stages.\1.\2", name)
+    *path, leaf = name.split("/")
+    return ".".join(path + [_LEAF.get(leaf, leaf)])
+
+
+def _to_torch(a):
+    t = torch.from_numpy(np.array(a, dtype=np.float32))        # copy: msgpack arrays are read-only
+    if t.ndim == 4:                                             # conv kernel HWIO -> OIHW
+        return t.permute(3, 2, 0, 1).contiguous()
+    return t.t().contiguous() if t.ndim == 2 else t             # Dense [in, out] -> [out, in]
+
+
+@torch.no_grad()
+def load_official_mae_params(model, flat):
+    """Copy official flat params {'encoder/conv1/kernel': array, ...} into `model`. Strict on
+    the encoder; the decoder/fc may be absent (encoder-only trees such as the golden artifact)
+    but then all of them, and only if loaded they must be complete. Raises ValueError naming
+    every unknown, missing or misshaped tensor. Returns the names left at their init."""
+    own = model.state_dict()
+    errors, new = [], {}
+    for name, a in flat.items():
+        name = name.removeprefix("params/")
+        key = official_to_torch_name(name)
+        if key not in own:
+            errors.append(f"unexpected {name} (-> {key}): not a tensor of this MAEResNet")
+            continue
+        t = _to_torch(a)
+        if t.shape != own[key].shape:
+            errors.append(f"shape of {name}: {tuple(np.shape(a))} -> {tuple(t.shape)}, "
+                          f"expected {tuple(own[key].shape)} for {key}")
+        new[key] = t
+    for part in ("encoder.", "decoder.", "fc."):
+        want = [k for k in own if k.startswith(part)]
+        got = [k for k in want if k in new]
+        if (part == "encoder." or got) and len(got) < len(want):
+            errors += [f"missing {k} ({part[:-1]} must be complete)" for k in want if k not in new]
+    if errors:
+        raise ValueError("official MAE params do not fit MAEResNet:\n  " + "\n  ".join(errors))
+    for key, t in new.items():
+        own[key].copy_(t)                                       # state_dict shares storage
+    return sorted(set(own) - set(new))
+
+
+def mae_from_official(model_config, flat):
+    """Build an MAEResNet from an official artifact: (metadata['model_config'], flat params).
+    Builds the decoder and class head only if the artifact holds them."""
+    cfg = MAEConfig(**model_config)
+    heads = any(k.removeprefix("params/").startswith(("decoder/", "fc/")) for k in flat)
+    with torch.device("meta"):                                  # skip the random init of up
+        model = MAEResNet(cfg, with_heads=heads)                # to 2.7B params: every tensor
+    model = model.to_empty(device="cpu")                        # is overwritten below
+    left = load_official_mae_params(model, flat)
+    if left:
+        raise ValueError(f"official MAE params lack {left} (decoder and fc come together)")
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------
 # Dispatch on metadata["kind"] and the command line
 # ------------------------------------------------------------------------------------------
 # kind -> (official (model_config, flat params) -> our module, writer of our weights file).
 # "mae" is the feature encoder (the `encoder/` subtree of an MAE artifact, plus the decoder
-# and class head when present); its loader lives in encoder.py next to the model.
+# and class head when present).
 CONVERTERS = {"gen": (convert_gen, save_checkpoint),
               "mae": (mae_from_official, partial(save_checkpoint, kind="mae"))}
 

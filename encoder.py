@@ -1,38 +1,29 @@
 """
 The feature encoders phi of Drifting Models: a ResNet trained as a masked autoencoder (MAE) on
-SD-VAE latents or patchified pixels, ConvNeXt-V2 (second encoder of pixel models), and the
-feature groups the drift loss compares.
+SD-VAE latents or patchified pixels, and the feature groups the drift loss compares.
 
 Paper: Generative Modeling via Drifting, Deng, Li, Li, Du, He, arXiv:2602.04770 (v2); App. A.3
-(the MAE), A.4 (pixel encoders), A.5 (the feature groups). Official code:
-github.com/lambertae/drifting @ accd0cf, models/mae_model.py (MAEResNetJAX, activation_fn),
-models/convnext.py and configs/{mae,gen}/*.yaml; golden parity in tests/test_encoder.py, parity
-with transformers.ConvNextV2Model in tests/test_convnext.py.
+(the MAE), A.4 (the pixel MAE), A.5 (the feature groups). Official code:
+github.com/lambertae/drifting @ accd0cf, models/mae_model.py (MAEResNetJAX, activation_fn) and
+configs/{mae,gen}/*.yaml; golden parity in tests/test_encoder.py.
 
 - `MAEResNet(cfg)`: ResNet encoder (basic blocks, GroupNorm), U-Net decoder, class head.
   `model.mae_loss(x, labels, lam, generator)` is the pretraining objective (also `model(...)`).
   Pixel MAEs (`pixel_640`) space-to-depth 8x8 patches first: 256x256x3 -> 32x32x192.
 - `feature_groups(model, x)`: dict name -> (B, T, D), the official drift-loss features:
   `global` (raw x), `norm_x`, and 7 groups per map for 12 maps (86 groups at paper size).
-- `mae_from_official(model_config, flat)` / `load_official_mae_params(model, flat)`: load a
-  released flax artifact (read with convert.read_artifact).
-- `ConvNeXtV2`, `convnext_from_hf(path)`: ConvNeXt-V2 from transformers-format safetensors
-  (facebook/convnextv2-base-22k-224); `convnext_feature_groups(convnext, x)`: its 13 groups;
-  `pixel_feature_groups(mae, convnext, x)`: the 99 groups of a pixel generator.
+- `mae_from_state(config, state_dict)`: an MAEResNet from our weights file. The released flax
+  artifacts load through convert.py (`mae_from_official`); ConvNeXt-V2 and the 99 groups of
+  pixel models are in convnext.py.
 
 Demo: python encoder.py      (presets with parameter counts, the groups of the tiny preset
-                              and the ConvNeXt groups of a pixel model at paper size)
+                              and one MAE loss)
 """
-import contextlib
-import os
-import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 # Shapes: B batch; C channels and H x W grid of the encoder input AFTER input patching
 #         (32 x 32 x 4 for latents, 32 x 32 x 192 for 8x8-patched 256px images); C_img, p the
@@ -293,10 +284,22 @@ class MAEResNet(nn.Module):
         return loss.mean(), {k: v.detach().mean() for k, v in info.items()}
 
 
+def mae_from_state(config, state_dict, encoder_only=False):
+    """Our weights file (models.read_checkpoint(path, "mae") gives config and state_dict) ->
+    MAEResNet in eval mode; the decoder and head are built only if the file has them."""
+    if encoder_only:
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    heads = any(k.startswith("decoder.") for k in state_dict)
+    with torch.device("meta"):                                  # every tensor comes from
+        model = MAEResNet(MAEConfig(**config), with_heads=heads)   # the file: no init work
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------
 # Feature groups for the drift loss (App. A.5; official get_activations + activation_fn)
 # ------------------------------------------------------------------------------------------
-def _std(x, dim):
+def safe_std(x, dim):
     """Official safe_std: sqrt(biased var + 1e-6), in float32."""
     x = x.float()
     return (((x - x.mean(dim, keepdim=True)) ** 2).mean(dim) + STD_EPS).sqrt()
@@ -317,13 +320,13 @@ def _map_groups(out, name, f, patch_mean_size, patch_std_size, use_mean, use_std
     if use_mean:
         out[f"{name}_mean"] = f.mean((2, 3))[:, None]           # (B, 1, D)
     if use_std:
-        out[f"{name}_std"] = _std(f.flatten(2), -1)[:, None]    # (B, 1, D)
+        out[f"{name}_std"] = safe_std(f.flatten(2), -1)[:, None]  # (B, 1, D)
     for s in patch_mean_size:
         if h % s == 0 and w % s == 0:
             out[f"{name}_mean_{s}"] = _patches(f, s).mean(2)    # (B, h*w/s^2, D)
     for s in patch_std_size:
         if h % s == 0 and w % s == 0:
-            out[f"{name}_std_{s}"] = _std(_patches(f, s), 2)    # (B, h*w/s^2, D)
+            out[f"{name}_std_{s}"] = safe_std(_patches(f, s), 2)  # (B, h*w/s^2, D)
 
 
 def feature_groups(model, x, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_mean=True,
@@ -354,269 +357,6 @@ def feature_groups(model, x, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_
 
 
 # ------------------------------------------------------------------------------------------
-# Loading the official flax weights (convert.read_artifact gives `flat`)
-# ------------------------------------------------------------------------------------------
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-def official_to_torch_name(name):
-    """'encoder/stages_1/layers_0/proj_gn/scale' -> 'encoder.stages.1.0.proj_gn.weight'. Our
-    modules carry the official names, so only the stage/block lists and leaves are renamed."""
-    name = re.sub(r"stages_(\d+)/layers_(\d+)", r"stages.\1.\2", name)
-    *path, leaf = name.split("/")
-    return ".".join(path + [_LEAF.get(leaf, leaf)])
-
-
-def _to_torch(a):
-    t = torch.from_numpy(np.array(a, dtype=np.float32))        # copy: msgpack arrays are read-only
-    if t.ndim == 4:                                             # conv kernel HWIO -> OIHW
-        return t.permute(3, 2, 0, 1).contiguous()
-    return t.t().contiguous() if t.ndim == 2 else t             # Dense [in, out] -> [out, in]
-
-
-@torch.no_grad()
-def load_official_mae_params(model, flat):
-    """Copy official flat params {'encoder/conv1/kernel': array, ...} into `model`. Strict on
-    the encoder; the decoder/fc may be absent (encoder-only trees such as the golden artifact)
-    but then all of them, and only if loaded they must be complete. Raises ValueError naming
-    every unknown, missing or misshaped tensor. Returns the names left at their init."""
-    own = model.state_dict()
-    errors, new = [], {}
-    for name, a in flat.items():
-        name = name.removeprefix("params/")
-        key = official_to_torch_name(name)
-        if key not in own:
-            errors.append(f"unexpected {name} (-> {key}): not a tensor of this MAEResNet")
-            continue
-        t = _to_torch(a)
-        if t.shape != own[key].shape:
-            errors.append(f"shape of {name}: {tuple(np.shape(a))} -> {tuple(t.shape)}, "
-                          f"expected {tuple(own[key].shape)} for {key}")
-        new[key] = t
-    for part in ("encoder.", "decoder.", "fc."):
-        want = [k for k in own if k.startswith(part)]
-        got = [k for k in want if k in new]
-        if (part == "encoder." or got) and len(got) < len(want):
-            errors += [f"missing {k} ({part[:-1]} must be complete)" for k in want if k not in new]
-    if errors:
-        raise ValueError("official MAE params do not fit MAEResNet:\n  " + "\n  ".join(errors))
-    for key, t in new.items():
-        own[key].copy_(t)                                       # state_dict shares storage
-    return sorted(set(own) - set(new))
-
-
-def mae_from_official(model_config, flat):
-    """Build an MAEResNet from an official artifact: (metadata['model_config'], flat params).
-    Builds the decoder and class head only if the artifact holds them."""
-    cfg = MAEConfig(**model_config)
-    heads = any(k.removeprefix("params/").startswith(("decoder/", "fc/")) for k in flat)
-    with torch.device("meta"):                                  # skip the random init of up
-        model = MAEResNet(cfg, with_heads=heads)                # to 2.7B params: every tensor
-    model = model.to_empty(device="cpu")                        # is overwritten below
-    left = load_official_mae_params(model, flat)
-    if left:
-        raise ValueError(f"official MAE params lack {left} (decoder and fc come together)")
-    return model.eval()
-
-
-def mae_from_state(config, state_dict, encoder_only=False):
-    """Our weights file (models.read_checkpoint(path, "mae") gives config and state_dict) ->
-    MAEResNet in eval mode; the decoder and head are built only if the file has them."""
-    if encoder_only:
-        state_dict = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    heads = any(k.startswith("decoder.") for k in state_dict)
-    with torch.device("meta"):                                  # every tensor comes from
-        model = MAEResNet(MAEConfig(**config), with_heads=heads)   # the file: no init work
-    model.load_state_dict(state_dict, assign=True)
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------------
-# ConvNeXt-V2: the second feature encoder of pixel models (App. A.4; official models/convnext.py)
-# ------------------------------------------------------------------------------------------
-# Shapes here: D_i, h_i x w_i width and grid of stage i (56^2, 28^2, 14^2, 7^2 at 224 px).
-LN_EPS = 1e-6         # every ConvNeXt LayerNorm, official (the final one included, see ConvNeXtV2)
-GRN_EPS = 1e-6        # official ConvNextGRN: sqrt(sum x^2 + eps) and mean + eps
-FEAT_EPS = 1e-3       # official get_activations normalize(): (y - mu) / (sigma + 1e-3)
-CONVNEXT_SIZE = 224   # official: jax.image.resize of every input to 224 x 224
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map (ConvNeXt's channels_first LayerNorm)."""
-
-    def forward(self, x):                                       # (B, D, h, w)
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class GRN(nn.Module):
-    """Global Response Normalization (ConvNeXt-V2) on NHWC: x + gamma * (x * N(x)) + beta, with
-    N = ||x||_2 over the grid, divided by its mean over channels. NOTE: the official code takes
-    sqrt(sum x^2 + 1e-6), transformers the plain norm; we follow the official code. They differ
-    by 1e-6 / (2 sum x^2) relative, negligible unless a channel is ~0 on the whole grid, where
-    the eps keeps the gradient finite."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))    # zero init: GRN starts as
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))     # the identity
-
-    def forward(self, x):                                       # (B, h, w, 4D)
-        g = (x.square().sum((1, 2), keepdim=True) + GRN_EPS).sqrt()   # (B, 1, 1, 4D)
-        n = g / (g.mean(-1, keepdim=True) + GRN_EPS)            # (B, 1, 1, 4D)
-        return self.gamma * (x * n) + self.beta + x             # (B, h, w, 4D)
-
-
-class ConvNeXtBlock(nn.Module):
-    """7x7 depthwise conv, LayerNorm, Linear 4x, exact GELU, GRN, Linear, residual. No drop
-    path: the encoder is frozen and used at inference only."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.pwconv1, self.grn = nn.Linear(dim, 4 * dim), GRN(4 * dim)
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x):                                       # (B, D, h, w)
-        y = self.dwconv(x).permute(0, 2, 3, 1)                  # (B, h, w, D)
-        y = self.grn(F.gelu(self.pwconv1(self.norm(y))))        # (B, h, w, 4D)
-        return x + self.pwconv2(y).permute(0, 3, 1, 2)          # (B, D, h, w)
-
-
-class ConvNeXtV2(nn.Module):
-    """ConvNeXt-V2 backbone without the class head. Module names are the official ones
-    (downsample_layers, stages, norm), so the official conversion rules map transformers names.
-    NOTE: the final LayerNorm has eps 1e-6 as officially (flax nn.LayerNorm(epsilon=1e-6));
-    the transformers config of the checkpoint says layer_norm_eps = 1e-12."""
-
-    def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), in_chans=3):
-        super().__init__()
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=LN_EPS))])
-        self.downsample_layers.extend(nn.Sequential(
-            LayerNorm2d(dims[i - 1], eps=LN_EPS), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2))
-            for i in range(1, 4))
-        self.stages = nn.ModuleList(nn.Sequential(*(ConvNeXtBlock(d) for _ in range(n)))
-                                    for n, d in zip(depths, dims))
-        self.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
-
-    def forward(self, x):
-        """x (B, 3, H, W), already normalized -> (the 4 stage outputs (B, D_i, h_i, w_i), the
-        final LayerNorm of their global average pool (B, D_3)); transformers' hidden states and
-        pooler_output."""
-        maps = []
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))                                  # (B, D_i, h_i, w_i)
-            maps.append(x)
-        return maps, self.norm(x.mean((2, 3)))                  # (B, D_3)
-
-
-# transformers ConvNextV2 names -> ours, the rules of the official convert_weights_to_jax
-_HF_RENAMES = ((r"^embeddings\.patch_embeddings\.", "downsample_layers.0.0."),
-               (r"^embeddings\.layernorm\.", "downsample_layers.0.1."),
-               (r"^encoder\.stages\.(\d)\.downsampling_layer\.", r"downsample_layers.\1."),
-               (r"^encoder\.stages\.(\d)\.layers\.", r"stages.\1."),
-               (r"layernorm\.", "norm."),
-               (r"grn\.weight$", "grn.gamma"), (r"grn\.bias$", "grn.beta"))
-
-
-def hf_to_torch_name(name):
-    """'convnextv2.encoder.stages.2.layers.5.grn.weight' -> 'stages.2.5.grn.gamma'; None for
-    the classifier head, which the features do not use."""
-    name = name.removeprefix("convnextv2.")
-    if name.startswith("classifier."):
-        return None
-    for pattern, new in _HF_RENAMES:
-        name = re.sub(pattern, new, name)
-    return name
-
-
-def convnext_from_hf(src, preset="base"):
-    """A ConvNeXtV2 (eval mode, float32) from transformers-format weights: `src` is a
-    .safetensors file (e.g. facebook/convnextv2-base-22k-224's model.safetensors), a folder
-    holding model.safetensors, or a state dict. Keys may carry the `convnextv2.` prefix
-    (ConvNextV2ForImageClassification) or not (ConvNextV2Model); classifier keys are ignored.
-    `preset` is a ConvNeXt_models key. Raises ValueError naming every unexpected, missing or
-    misshaped tensor and the file."""
-    where = "state dict"
-    if isinstance(src, (str, os.PathLike)):
-        where = os.path.join(src, "model.safetensors") if os.path.isdir(src) else str(src)
-        src = load_file(where)
-    with torch.device("meta"):                                  # every tensor comes from src
-        net = ConvNeXtV2(**ConvNeXt_models[preset])
-    own, seen, errors = net.state_dict(), {}, []
-    for name, t in src.items():
-        key = hf_to_torch_name(name)
-        if key is None:
-            continue
-        seen[key] = t.float()
-        if key not in own:
-            errors.append(f"unexpected {name} (-> {key})")
-        elif t.shape != own[key].shape:
-            errors.append(f"shape of {name}: {tuple(t.shape)}, expected {tuple(own[key].shape)}")
-    errors += [f"missing {k}" for k in own if k not in seen]
-    if errors:
-        raise ValueError(f"{where} does not fit ConvNeXtV2 '{preset}':\n  " + "\n  ".join(errors))
-    net.load_state_dict(seen, assign=True)
-    return net.eval().requires_grad_(False)
-
-
-def _normalize_channels(f):
-    """Official normalize(): each location's channel vector to zero mean and unit (biased) std,
-    (y - mu) / (sigma + 1e-3), in float32. (B, D, h, w) -> (B, h*w, D)."""
-    y = f.float().flatten(2).transpose(1, 2)                    # (B, h*w, D)
-    mu, sigma = y.mean(-1, keepdim=True), y.std(-1, correction=0, keepdim=True)
-    return (y - mu) / (sigma + FEAT_EPS)                        # (B, h*w, D)
-
-
-def convnext_feature_groups(model, x):
-    """x (B, 3, H, W) generator pixels in [-1, 1] -> dict name -> (B, T, D), the official
-    ConvNextV2.get_activations of the input path of build_activation_function: (x + 1) / 2
-    UNclipped (postprocess_fn with has_clip=False), ImageNet mean/std, resize to 224 (bilinear,
-    antialiased on downscaling as jax.image.resize is). Groups, all of per-location-normalized
-    maps: `convenxt_stage_{i}` the locations of stages 1-3, `convenxt_stage_{i}_mean` / `_std`
-    over the locations of stages 0-3, `global_mean` the final LayerNorm of the pooled raw stage 3
-    (the backbone's own pooled output), `global_std` = stage 3's std again (official, so it is
-    weighted twice). 13 groups. The names' spelling "convenxt" is the official one. Runs in
-    float32 (official convnext_bf16 = False); differentiable in x."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"ConvNeXt features need RGB images (B, 3, H, W), got {tuple(x.shape)}")
-    # float32 even under the caller's bf16 autocast, as officially (the meta device, used for
-    # shape checks, has no autocast)
-    fp32 = contextlib.nullcontext() if x.is_meta else torch.autocast(x.device.type, enabled=False)
-    with fp32:
-        x = (x.float() + 1) / 2                                 # (B, 3, H, W) about [0, 1]
-        mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)
-        x = (x - mean[:, None, None]) / std[:, None, None]       # (B, 3, H, W)
-        x = F.interpolate(x, size=(CONVNEXT_SIZE, CONVNEXT_SIZE), mode="bilinear",
-                          align_corners=False, antialias=True)  # (B, 3, 224, 224)
-        maps, pooled = model(x)                                 # 4 x (B, D_i, h_i, w_i), (B, D_3)
-    out = {}
-    for i, f in enumerate(maps):
-        y = _normalize_channels(f)                              # (B, h_i*w_i, D_i)
-        if i > 0:                                               # stage 0 (56^2) has no tokens
-            out[f"convenxt_stage_{i}"] = y
-        out[f"convenxt_stage_{i}_mean"] = y.mean(1, keepdim=True)   # (B, 1, D_i)
-        out[f"convenxt_stage_{i}_std"] = _std(y, 1)[:, None]     # (B, 1, D_i)
-    out["global_mean"] = pooled[:, None]                        # (B, 1, D_3)
-    out["global_std"] = out["convenxt_stage_3_std"]             # (B, 1, D_3)
-    return out
-
-
-def pixel_feature_groups(mae, convnext, x, **activation_kwargs):
-    """The feature groups of a pixel generator (official build_activation_function with
-    use_mae and use_convnext): feature_groups(mae, x) (global, norm_x, MAE maps; 86 at paper
-    size) then convnext_feature_groups(convnext, x) (13), in that order; 99 at paper size.
-    x (B, 3, H, W) in [-1, 1]."""
-    out = feature_groups(mae, x, **activation_kwargs)
-    extra = convnext_feature_groups(convnext, x)
-    if out.keys() & extra.keys():                               # officially a dict merge would
-        raise ValueError(f"group names collide: {sorted(out.keys() & extra.keys())}")  # overwrite
-    return {**out, **extra}
-
-
-# ------------------------------------------------------------------------------------------
 # Presets (official configs/mae/*.yaml; parameter counts with heads, measured by a test)
 # ------------------------------------------------------------------------------------------
 _PAPER = dict(layers=(3, 4, 6, 3), patch_size=2, num_classes=1000, dropout_prob=0.0,
@@ -637,13 +377,6 @@ MAE_models = {
     "pixel_tiny": dict(in_channels=3, base_channels=32, layers=(1, 1, 1, 1), input_patch_size=8,
                        patch_size=2, num_classes=10, dropout_prob=0.0, use_bf16=False),
     # ^ 2.69M params (encoder 1.28M): pixel_640's 8x8 patching at CPU size (64px -> 8x8x192)
-}
-# ConvNeXt-V2 (official models/convnext.py ConvNextBase; parameter counts without the head)
-ConvNeXt_models = {
-    "base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
-    # ^ 87.69M params: facebook/convnextv2-base-22k-224, the pixel models' second encoder
-    "tiny": dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64)),
-    # ^ 0.07M params: CPU tests
 }
 
 
@@ -666,15 +399,3 @@ if __name__ == "__main__":
     loss, info = model.train().mae_loss(x, torch.tensor([1, 2]), lam=0.1,
                                         generator=torch.Generator().manual_seed(0))
     print(f"mae_loss {loss.item():.4f}", {k: round(v.item(), 4) for k, v in info.items()})
-    with torch.device("meta"):                                  # a pixel model at paper size
-        nets = {k: ConvNeXtV2(**v) for k, v in ConvNeXt_models.items()}
-        mae = MAEResNet(MAEConfig(**MAE_models["pixel_640"]), with_heads=False).eval()
-        x = torch.empty(2, 3, 256, 256)
-        groups = pixel_feature_groups(mae, nets["base"], x, **ACTIVATION_KWARGS)
-    for name, net in nets.items():
-        print(f"ConvNeXt-V2 {name:>4}: {count_params(net) / 1e6:6.2f}M params  "
-              f"{ConvNeXt_models[name]}")
-    print(f"pixel_640 MAE + ConvNeXt-V2 base on {tuple(x.shape)}: {len(groups)} groups, "
-          f"the last {len(groups) - 86} from ConvNeXt:")
-    for name, f in list(groups.items())[86:]:
-        print(f"  {name:<24} {tuple(f.shape)}")

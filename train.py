@@ -53,10 +53,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cache import CACHE_MAKE, LatentCache
+from convnext import ConvNeXt_models, convnext_from_hf, pixel_feature_groups
 from data import TOY_DATA, ImageFolder, TensorSampler, mnist5k, split_per_class, subset, take
-from encoder import (ACTIVATION_KWARGS, MAE_models, ConvNeXt_models, MAEConfig, MAEResNet,
-                     convnext_from_hf, feature_groups, mae_from_state, masked_l2, patch_mask,
-                     patchify, pixel_feature_groups, unpatchify)
+from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
+                     mae_from_state, masked_l2, patch_mask, patchify, unpatchify)
 from field import drift_field, drift_loss
 from models import MLP, DriftDiT, DriftDiT_models, DriftDiTConfig, read_checkpoint
 from models import save_checkpoint as save_weights

@@ -1,16 +1,21 @@
-"""Tests of the pixel models' encoders in encoder.py: ConvNeXt-V2 against
-transformers.ConvNextV2Model through the real checkpoint names, its input path and feature
-groups as in the official models/convnext.py + mae_model.build_activation_function, the pixel
-MAE's 8x8 space-to-depth, and the 99 groups of a pixel model at paper size (meta device)."""
+"""Tests of the pixel models' encoders, convnext.py and encoder.py's pixel MAE: ConvNeXt-V2
+against transformers.ConvNextV2Model through the real checkpoint names, its input path and
+feature groups as in the official models/convnext.py + mae_model.build_activation_function, its
+preset sizes, the pixel MAE's 8x8 space-to-depth, and the 99 groups of a pixel model at paper
+size (meta device)."""
+import re
+
 import numpy as np
 import pytest
 import torch
 import transformers              # a test dependency (requirements-dev.txt)
 from safetensors.torch import save_file
 
-from encoder import (ACTIVATION_KWARGS, IMAGENET_MEAN, IMAGENET_STD, MAE_models,
-                     ConvNeXt_models, ConvNeXtV2, MAEConfig, MAEResNet, convnext_feature_groups,
-                     convnext_from_hf, feature_groups, pixel_feature_groups)
+import convnext
+from convnext import (IMAGENET_MEAN, IMAGENET_STD, ConvNeXt_models, ConvNeXtV2,
+                      convnext_feature_groups, convnext_from_hf, pixel_feature_groups)
+from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, count_params,
+                     feature_groups)
 
 TINY = ConvNeXt_models["tiny"]
 
@@ -146,6 +151,18 @@ def test_bad_inputs():
     for shape in [(2, 4, 32, 32), (3, 64, 64)]:
         with pytest.raises(ValueError, match="RGB images"):
             convnext_feature_groups(net, torch.randn(shape))
+
+
+def test_preset_parameter_counts_in_comments():
+    """The parameter counts written beside each ConvNeXt preset (millions, no class head) are
+    the measured ones (STYLE.md: presets carry their measured size)."""
+    src = open(convnext.__file__).read()
+    for name, preset in ConvNeXt_models.items():
+        m = re.search(rf'"{name}": dict\(.*?# \^ ([\d.]+)M params', src, re.S)
+        assert m, f"no parameter-count comment for preset {name}"
+        with torch.device("meta"):
+            n = count_params(ConvNeXtV2(**preset))
+        assert abs(float(m.group(1)) - n / 1e6) < 0.01, (name, n)
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,10 +12,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import encoder
-from convert import read_artifact
+from convert import load_official_mae_params, mae_from_official, read_artifact
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, count_params,
-                     feature_groups, load_official_mae_params, mae_from_official, masked_l2,
-                     patch_mask, patchify, unpatchify)
+                     feature_groups, masked_l2, patch_mask, patchify, unpatchify)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PARAMS = os.path.join(FIXTURES, "mae_params.safetensors")

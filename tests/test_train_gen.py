@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 import convert
 import train
-from encoder import MAEConfig, MAEResNet, mae_from_official
+from convert import mae_from_official
+from encoder import MAEConfig, MAEResNet
 from models import load_checkpoint, save_checkpoint
 from test_train_mae import write_standin
 
