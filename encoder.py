@@ -296,6 +296,27 @@ def mae_from_state(config, state_dict, encoder_only=False):
     return model.eval()
 
 
+@torch.no_grad()
+def mae_reconstruct(model, x, generator):
+    """x (B, C_img, pH, pW) -> patched input, reconstruction and mask (1 = masked), each
+    (B, C, H, W): the masking of mae_loss, returning tensors."""
+    x = patchify(x, model.cfg.input_patch_size)                 # (B, C, H, W)
+    B, C, H, W = x.shape
+    mask = patch_mask(B, H, W, model.cfg.patch_size, generator=generator, device=x.device)
+    recon = model.decoder(model.encoder(x * (1 - mask))[0])     # (B, C, H, W)
+    return x, recon, mask.expand(B, C, H, W)
+
+
+@torch.no_grad()
+def mae_eval(model, x, mean_image, seed):
+    """Masked L2 of the model's reconstruction of x, and of the per-pixel mean image on the
+    same masks: the trivial baseline a useful MAE must beat."""
+    xp, recon, mask = mae_reconstruct(model, x, torch.Generator(x.device).manual_seed(seed))
+    mean = patchify(mean_image.expand_as(x), model.cfg.input_patch_size)   # (B, C, H, W)
+    return (masked_l2(recon, xp, mask[:, :1]).mean().item(),
+            masked_l2(mean, xp, mask[:, :1]).mean().item())
+
+
 # ------------------------------------------------------------------------------------------
 # Feature groups for the drift loss (App. A.5; official get_activations + activation_fn)
 # ------------------------------------------------------------------------------------------

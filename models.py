@@ -14,7 +14,6 @@ patch-vector order, so converted weights work unchanged.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python models.py            # every preset's size + a forward shape check
-Bench: python models.py --bench    # time of one S2 training step (fwd+bwd+AdamW), batch 64
 """
 import json
 import math
@@ -357,23 +356,29 @@ class DriftDiT(nn.Module):
 # the tensors under their state_dict names (a training run adds its EMA under "ema/"), and
 # metadata {"kind", "config": JSON of the model's config dataclass, ...}. convert.py writes it
 # for the official weights, train.py for its runs.
-def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, config=None, **meta):
+def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, config=None, train_state=None,
+                    **meta):
     """Write `model`'s weights (+ `ema`'s under "ema/") and config (default: the model's
-    config dataclass) to `path`, atomically."""
+    config dataclass) to `path`, atomically. A training run also passes `train_state` (plain
+    types: optimizer state, step, RNG states), written beside it as train_state.pt."""
     from safetensors.torch import save_file  # lazy: models.py itself needs only torch
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if ema is not None:
         sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    metadata = {"kind": kind, "config": json.dumps(asdict(model.cfg) if config is None else config),
-                **{k: str(v) for k, v in meta.items()}}
+    config = asdict(model.cfg) if config is None else config
+    metadata = {"kind": kind, "config": json.dumps(config), **{k: str(v) for k, v in meta.items()}}
     save_file(sd, str(path) + ".tmp", metadata=metadata)
     os.replace(str(path) + ".tmp", path)                       # never a half-written file
+    if train_state is not None:
+        state_path = os.path.join(os.path.dirname(str(path)), "train_state.pt")
+        torch.save(train_state, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
 
 
 def read_checkpoint(path, kind, ema=True, device="cpu"):
     """A run folder holding model.safetensors, or the file -> (config dict, state_dict, meta).
-    With ema=True the EMA weights are returned when the file has them (sampling and the frozen
-    encoder use the EMA, as the official code)."""
+    ema=True: the EMA weights when the file has them (sampling and the frozen encoder use the
+    EMA, as the official code); False: the raw weights; None: every tensor, EMA under "ema/"."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     if os.path.isdir(path):
@@ -388,11 +393,31 @@ def read_checkpoint(path, kind, ema=True, device="cpu"):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("kind") != kind or "config" not in meta:
         raise ValueError(f"{path}: holds kind={meta.get('kind')!r}, expected {kind!r} weights")
-    has_ema = any(k.startswith("ema/") for k in tensors)
-    pick = "ema/" if ema and has_ema else ""
+    if ema is None:
+        return json.loads(meta["config"]), tensors, meta
+    pick = "ema/" if ema and any(k.startswith("ema/") for k in tensors) else ""
     sd = {k[len(pick):]: v for k, v in tensors.items() if k.startswith(pick)
           and (pick or not k.startswith("ema/"))}
     return json.loads(meta["config"]), sd, meta
+
+
+def load_training_checkpoint(run_dir, raw, ema, meta):
+    """A run folder written by train.py -> raw and EMA weights loaded in place, and its train
+    state returned (torch.load with weights_only=True: plain types only). Refuses a checkpoint
+    whose kind, model config or data differ from this run's `meta`."""
+    _, tensors, saved = read_checkpoint(run_dir, meta["kind"], ema=None)
+    for key in ("config", "data"):
+        if saved.get(key) != meta[key]:
+            raise ValueError(f"--resume: {run_dir} has {key} {saved.get(key)}, but this run has "
+                             f"{meta[key]}; pass the flags it was trained with or a new --out")
+    state = torch.load(os.path.join(run_dir, "train_state.pt"), map_location="cpu",
+                       weights_only=True)
+    if state["step"] != int(saved["step"]):
+        raise RuntimeError(f"{run_dir}: weights at step {saved['step']} but train state at step "
+                           f"{state['step']} (interrupted save?)")
+    raw.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("ema/")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    return state
 
 
 def load_checkpoint(path, device="cpu", ema=True):
@@ -430,15 +455,6 @@ DriftDiT_models = {  # the official latent/pixel_sota_{B,L}.yaml set attn_fp32 a
 
 
 if __name__ == "__main__":
-    import argparse
-    import time
-    parser = argparse.ArgumentParser(description="DriftDiT presets demo and CPU benchmark")
-    parser.add_argument("--bench", action="store_true", help="time a training step of --model")
-    parser.add_argument("--model", default="S2", choices=list(DriftDiT_models), help="preset")
-    parser.add_argument("--batch", type=int, default=64, help="batch size for --bench")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps for --bench")
-    args = parser.parse_args()
-
     mlp = MLP()
     x = mlp(torch.randn(5, mlp.noise_dim))
     print(f"MLP: {sum(p.numel() for p in mlp.parameters()):,} params, (5, 32) -> {tuple(x.shape)}")
@@ -449,25 +465,10 @@ if __name__ == "__main__":
         print(f"DriftDiT {name:4s} {n / 1e6:7.2f}M params | {c.input_size}x{c.input_size}x"
               f"{c.in_channels} p{c.patch_size} D{c.hidden_size} depth {c.depth} heads "
               f"{c.num_heads} | tokens {c.n_cls_tokens}+{(c.input_size // c.patch_size) ** 2}")
-
     torch.manual_seed(0)
-    model = DriftDiT(DriftDiTConfig(**DriftDiT_models[args.model]))
-    cfg, B = model.cfg, args.batch if args.bench else 4
-    noise = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size)
-    labels = torch.randint(cfg.num_classes, (B,))
-    alpha = torch.empty(B).uniform_(1, 4)
-    out = model(noise, labels, alpha)
-    print(f"{args.model}: noise {tuple(noise.shape)} -> sample {tuple(out.shape)}, "
+    model = DriftDiT(DriftDiTConfig(**DriftDiT_models["S2"]))
+    cfg = model.cfg
+    noise = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size)
+    out = model(noise, torch.randint(cfg.num_classes, (4,)), torch.empty(4).uniform_(1, 4))
+    print(f"S2: noise {tuple(noise.shape)} -> sample {tuple(out.shape)}, "
           f"max |sample| {out.abs().max():.1f} (exactly 0 at init: adaLN-zero)")
-    if args.bench:  # forward + backward + AdamW on a stand-in loss; 2 warm-up steps
-        opt, times = torch.optim.AdamW(model.parameters(), lr=1e-4), []
-        for i in range(2 + args.steps):
-            t0 = time.perf_counter()
-            loss = (model(noise, labels, alpha) - noise).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        times = sorted(times[2:])
-        print(f"{args.model} train step, batch {B}, {torch.get_num_threads()} threads: "
-              f"min {times[0]:.3f} s, median {times[len(times) // 2]:.3f} s")

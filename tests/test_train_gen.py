@@ -19,6 +19,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 import convert
+import data
 import train
 from convert import mae_from_official
 from encoder import MAEConfig, MAEResNet
@@ -118,12 +119,12 @@ def test_alpha_follows_the_power_law_and_the_no_cfg_fraction():
     g = torch.Generator().manual_seed(0)
     u, v = torch.rand(200_000, generator=g), torch.rand(200_000, generator=g)
     for k in (3.0, 5.0, 1.0):
-        a = train.alpha_from_uniform(u, v, k, 0.0)
+        a = data.alpha_from_uniform(u, v, k, 0.0)
         assert a.min() >= 1.0 and a.max() <= 4.0
         for q in (1.2, 1.5, 2.5):
             cdf = np.log(q) / np.log(4) if k == 1 else (q ** (1 - k) - 1) / (4 ** (1 - k) - 1)
             assert abs((a <= q).float().mean().item() - cdf) < 5e-3
-    a = train.alpha_from_uniform(u, v, 3.0, 0.5)
+    a = data.alpha_from_uniform(u, v, 3.0, 0.5)
     assert abs((a == 1).float().mean().item() - 0.5) < 5e-3
 
 
@@ -140,7 +141,7 @@ def test_recipes_follow_table_8(capsys):
                            "--n-pos", "128", "--lr", "1e-4"])
     assert (l2.no_cfg_frac, l2.cfg_power, l2.n_unc, l2.n_pos, l2.lr) == (0.5, 3.0, 32, 128, 1e-4)
     assert train.parse_args(["--model", "S4"]).stage == "gen"     # `train.py --model L2 ...`
-    assert train.parse_args([]).stage == "toy"
+    assert train.parse_args([]).model == "S4"                    # `python train.py`: MNIST
     b16 = train.parse_args(["--model", "B16", "--data-path", "x"])
     assert (b16.data, b16.augment, b16.n_pos) == ("images", True, 128)
     with pytest.raises(SystemExit):                 # the latent recipes need the cache's path

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
+import toy as toy_module
 import train
 from data import MNIST5K_INSTALL, TensorSampler, mnist5k, split_per_class
 from encoder import MAE_models, MAEConfig, MAEResNet
@@ -132,8 +133,8 @@ def test_schedules_follow_the_recipe():
     assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
     lam = [train.cls_lambda(s, args) for s in (99, 100, 110, 120, 5000)]
     assert lam[:2] == [0.0, 0.0] and abs(lam[2] - 0.05) < 1e-12 and lam[3:] == [0.1, 0.1]
-    toy = train.parse_args([])
-    assert toy.lr == 1e-3 and toy.warmup == 0 and toy.out == "runs/toy"    # toy unchanged
+    toy = toy_module.parser.parse_args([])
+    assert toy.lr == 1e-3 and toy.out == "runs/toy"                      # toy.py unchanged
 
 
 def test_unknown_data_source_is_refused(capsys):
@@ -229,8 +230,8 @@ def test_resume_refuses_another_checkpoint(run6, standin, tmp_path, monkeypatch)
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
     with pytest.raises(ValueError, match="data"):
         train.main(mae_args(standin, run, "--steps", 8, "--resume", "--holdout", "2"))
-    train.save_atomic({"w": torch.zeros(1)}, str(run / "model.safetensors"),
-                      {"kind": "mlp", "config": "{}"})
+    save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"),
+              {"kind": "mlp", "config": "{}"})
     with pytest.raises(ValueError, match="kind"):
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
 
