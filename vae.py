@@ -1,22 +1,18 @@
 """
 SD-VAE: the KL autoencoder of Latent Diffusion (Rombach et al., arXiv:2112.10752) in plain
 PyTorch, the image <-> latent map of the latent Drifting Models (arXiv:2602.04770 v2, Sec. 4:
-256x256x3 images <-> 32x32x4 latents x VAE_SCALE). It loads the public diffusers-format weights
-of stabilityai/sd-vae-ft-mse (the official Drifting code's choice, PAPER_NOTES.md) or
-sd-vae-ft-ema from the Hugging Face Hub: the file `diffusion_pytorch_model.safetensors` (335 MB),
-downloaded by the user; nothing is fetched at run time. Float32 parity with
-diffusers.AutoencoderKL: tests/test_vae.py.
-
-- `load_vae(path, device)`: that file (or the folder holding it) -> frozen AutoencoderKL.
-- `vae.encode(x, generator)`: images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8), a
-  posterior sample x VAE_SCALE (`sample=False`: the posterior mean x VAE_SCALE).
-- `vae.decode(z)`: latents as encode returns them -> images (B, 3, H, W), about [-1, 1], unclipped.
+256x256x3 images <-> 32x32x4 latents x VAE_SCALE). `load_vae` reads the public diffusers-format
+weights of stabilityai/sd-vae-ft-mse (the official Drifting code's choice) or sd-vae-ft-ema, the
+file `diffusion_pytorch_model.safetensors` (335 MB) that the user downloads from the Hugging Face
+Hub; nothing is fetched at run time. Float32 parity with diffusers.AutoencoderKL is tested.
+`vae.encode` maps images in [-1, 1] to latents x VAE_SCALE, `vae.decode` maps them back.
 
 Demo: python vae.py                               # random SD-VAE: shapes, parameter count
       python vae.py --weights W [--image I.png]   # round trip of I (or a random image): PSNR
 """
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -105,17 +101,12 @@ class Attention(nn.Module):
         return x + rearrange(a, "b (h w) c -> b c h w", h=h).to(x.dtype)         # (B, C, h, w)
 
 
-class MidBlock(nn.Module):
+class MidBlock(nn.Sequential):
     """ResBlock -> Attention -> ResBlock at the lowest resolution (diffusers UNetMidBlock2D)."""
 
     def __init__(self, C, groups):
-        super().__init__()
-        self.res1 = ResBlock(C, C, groups)
-        self.attn = Attention(C, groups)
-        self.res2 = ResBlock(C, C, groups)
-
-    def forward(self, x):
-        return self.res2(self.attn(self.res1(x)))                # (B, C, h, w)
+        super().__init__(OrderedDict(res1=ResBlock(C, C, groups), attn=Attention(C, groups),
+                                     res2=ResBlock(C, C, groups)))
 
 
 class Stage(nn.Module):
@@ -127,9 +118,9 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(c_in if j == 0 else c_out, c_out, groups)
                                     for j in range(n))
         self.mode = resample  # "down", "up" or None (the last stage of each network)
-        self.resample = None if resample is None else \
-            nn.Conv2d(c_out, c_out, 3, stride=2 if resample == "down" else 1,
-                      padding=0 if resample == "down" else 1)
+        if resample:
+            self.resample = nn.Conv2d(c_out, c_out, 3, stride=2 if resample == "down" else 1,
+                                      padding=int(resample == "up"))
 
     def forward(self, x):                                        # x (B, C_in, h, w)
         for block in self.blocks:
@@ -190,9 +181,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The SD-VAE with a diagonal Gaussian posterior. encode/decode take and return float32
     whatever the weights' dtype; under torch.autocast (bf16) the convolutions run in bf16 while
-    GroupNorm, attention and the posterior stay float32.
-    NOTE: bf16 encode/decode quality is unmeasured (no GPU in this project's CI); sample.py
-    decodes in float32."""
+    GroupNorm, attention and the posterior stay float32. NOTE: bf16 encode/decode quality is
+    unmeasured (no GPU in this project's CI); sample.py decodes in float32."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -233,22 +223,16 @@ class AutoencoderKL(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Loading the diffusers-format weights
 # ------------------------------------------------------------------------------------------
-# diffusers key -> ours, applied in order to every key of the file. Structure: diffusers'
-# down_blocks.i.resnets.j / up_blocks.i.resnets.j are our stages.i.blocks.j, its
-# {down,up}samplers.0.conv our stages.i.resample, its mid_block.{resnets.0, attentions.0,
-# resnets.1} our mid.{res1, attn, res2}. The attention projections come under two names:
-# to_q/to_k/to_v/to_out.0 (current diffusers) and query/key/value/proj_attn (files written by
-# older diffusers, which current diffusers renames on load too).
+# diffusers key -> ours, applied in order to every key of the file. The attention projections
+# come under two names: to_q/to_k/to_v/to_out.0 (current diffusers) and query/key/value/proj_attn
+# (files written by older diffusers, which current diffusers renames on load too).
 RENAME = [
     (r"\.(down|up)_blocks\.(\d+)\.resnets\.", r".stages.\2.blocks."),
     (r"\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.", r".stages.\2.resample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.res1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.res2."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.res1."), (r"\.mid_block\.resnets\.1\.", ".mid.res2."),
     (r"\.mid_block\.attentions\.0\.", ".mid.attn."),
     (r"\.group_norm\.", ".norm."),
-    (r"\.(to_q|query)\.", ".q."),
-    (r"\.(to_k|key)\.", ".k."),
-    (r"\.(to_v|value)\.", ".v."),
+    (r"\.(to_q|query)\.", ".q."), (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."),
     (r"\.(to_out\.0|proj_attn)\.", ".proj."),
     (r"\.conv_shortcut\.", ".skip."),
     (r"\.conv_norm_out\.", ".norm_out."),
@@ -290,7 +274,6 @@ def load_vae(path, device=None, config=None):
         cfg = VAEConfig(**config) if config else config_from_weights(sd)
     except (KeyError, ValueError) as e:  # no such key, or max() of nothing: no encoder blocks
         raise ValueError(f"{path}: not an SD-VAE diffusers checkpoint (no {e}); {HINT}") from e
-
     with torch.device("meta"):  # no init work: every tensor comes from the file
         model = AutoencoderKL(cfg)
     want, got = model.state_dict(), {}
@@ -322,7 +305,6 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=256, help="image side in pixels (multiple of 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-
     for name, preset in VAE_models.items():
         with torch.device("meta"):  # counts without allocating
             n = sum(q.numel() for q in AutoencoderKL(VAEConfig(**preset)).parameters())
