@@ -31,15 +31,6 @@ CACHE_MAKE = ("torchrun --nproc_per_node=N cache.py --images IMAGENET/train "
               "--vae diffusion_pytorch_model.safetensors --out CACHE")
 
 
-def file_fingerprint(path):
-    """First 16 hex digits of the file's sha256: names the VAE weights a cache was made with."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def shard_path(root, k):
     return os.path.join(root, f"shard_{k:05d}.safetensors")
 
@@ -78,15 +69,10 @@ def mmap_safetensors(path):
     return arrays, meta
 
 
-# ------------------------------------------------------------------------------------------
-# Reader: the cache as a sampler source
-# ------------------------------------------------------------------------------------------
 class LatentCache:
-    """The latent cache as a TensorSampler source: `.labels` (N,) in memory, the latents
-    (N, 2, 4, h, w) memory-mapped (original, flip), `.get(idx, generator)` -> (n, 4, h, w),
-    each item's original or flip with p = 0.5 (official LatentDataset). `vae` / `size`, when
-    given, must match what the cache was made with."""
-
+    """A TensorSampler source: `.labels` (N,) in memory, latents (N, 2, 4, h, w) memory-mapped;
+    `.get(idx, generator)` -> (n, 4, h, w), each item's original or flip with p = 0.5 (official
+    LatentDataset). `vae` / `size`, when given, must match what the cache was made with."""
     def __init__(self, root, vae=None, size=None):
         self.info = info = read_cache_index(root)
         for key, want in (("vae", vae), ("size", size)):
@@ -124,20 +110,18 @@ class LatentCache:
         return torch.from_numpy(out)                            # (n, 4, h, w) float32
 
 
-# ------------------------------------------------------------------------------------------
-# Writer: one rank's share of the shards
-# ------------------------------------------------------------------------------------------
+@torch.no_grad()
 def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, seed=0,
                   device="cpu", rank=0, world=1, workers=8):
-    """Encode every image of the folder `images` and its horizontal flip with the SD-VAE:
-    posterior SAMPLE x 0.18215, the same noise for an image and its flip (official
-    create_cached_dataset). Shard k (images k*shard_size ...) goes to rank k % world and is
-    written whole, atomically: an interrupted run resumes by redoing missing shards. Noise is
-    seeded per image, so the cache does not depend on the world size or the batch. Unreadable
-    images are skipped with a warning and listed in their shard's metadata."""
+    """Write the cache of folder `images` to `out`: the same posterior noise for an image and
+    its flip (official create_cached_dataset), seeded per image (independent of world size and
+    batch). Shard k goes to rank k % world, written whole and atomically: a rerun redoes only
+    missing shards. Unreadable images are skipped (warned, listed in the shard's metadata)."""
     paths, labels, classes = image_folder(images)
+    with open(vae_path, "rb") as f:             # names the VAE weights the cache was made with
+        vae_id = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     info = dict(version=CACHE_VERSION, images=os.path.abspath(images), num_images=len(paths),
-                classes=classes, size=size, vae=file_fingerprint(vae_path),
+                classes=classes, size=size, vae=vae_id,
                 shard_size=shard_size, num_shards=math.ceil(len(paths) / shard_size), seed=seed)
     os.makedirs(out, exist_ok=True)
     index = os.path.join(out, "index.json")
@@ -172,8 +156,7 @@ def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, se
                     continue
                 x = torch.stack([to_tensor(center_crop_arr(loaded[i], size)) for i in ok])
                 x = x.to(device)                                # (n, 3, size, size)
-                with torch.no_grad():
-                    mean, std = vae.posterior(torch.cat([x, x.flip(3)]))   # (2n, 4, h, w)
+                mean, std = vae.posterior(torch.cat([x, x.flip(3)]))       # (2n, 4, h, w)
                 eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator()
                                    .manual_seed(seed * 10 ** 9 + i)) for i in ok])
                 z = (mean + std * eps.to(device).repeat(2, 1, 1, 1)) * VAE_SCALE
@@ -190,16 +173,10 @@ def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, se
     return info
 
 
-# ------------------------------------------------------------------------------------------
-# CLI: torchrun --nproc_per_node=N cache.py ... (or plain python: one process)
-# ------------------------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Encode an ImageNet-layout image folder and its flips "
-                                "into the SD-VAE latent cache that train.py --data latents reads. "
-                                "Resumable: rerun the same command.")
+    p = argparse.ArgumentParser(description="image folder -> SD-VAE latent cache (rerun to resume)")
     p.add_argument("--images", required=True, help="root/<class>/<image>, e.g. ILSVRC2012 train/")
-    p.add_argument("--vae", required=True, help="SD-VAE diffusion_pytorch_model.safetensors "
-                   "(stabilityai/sd-vae-ft-mse on Hugging Face)")
+    p.add_argument("--vae", required=True, help="stabilityai/sd-vae-ft-mse's .safetensors file")
     p.add_argument("--out", required=True, help="cache folder (index.json + shard_*.safetensors)")
     p.add_argument("--size", type=int, default=256, help="ADM center-crop size (latent: size/8)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
@@ -210,9 +187,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     ddp = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    auto = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = auto if args.device == "auto" else args.device
     if ddp:                                     # only barriers: gloo serves any device
         import torch.distributed as dist
         dist.init_process_group("gloo")

@@ -1,16 +1,14 @@
 """
 Convert the official JAX release artifacts (lambertae/drifting) into our checkpoints.
 
-An official artifact is a folder with `ema_params.msgpack` (flax.serialization.msgpack_serialize
-of the bare parameter tree) and `metadata.json` (`kind`, `model_config`, ...). We read the
-msgpack with the plain `msgpack` package (no JAX / flax needed), rename the flax leaves to
-our PyTorch state_dict names and write `OUT/model.safetensors` with our config as JSON in its
-metadata, so `models.load_checkpoint(OUT)` rebuilds the model from that file alone.
-
-    python convert.py --artifact path/to/gen_artifact --out runs/official_L2
-    python convert.py --artifact flat_params.safetensors --kind gen --out runs/x  # flat names
+An official artifact is a folder: `ema_params.msgpack` (flax.serialization.msgpack_serialize of
+the bare parameter tree) and `metadata.json` (`kind`, `model_config`, ...). We read the msgpack
+with plain `msgpack` (no JAX / flax), rename the flax leaves to our state_dict names and write
+`OUT/model.safetensors` with our config in its metadata, all `models.load_checkpoint(OUT)` needs.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770.
+    python convert.py --artifact path/to/gen_artifact --out runs/official_L2
+    python convert.py --artifact flat_params.safetensors --kind gen --out runs/x  # flat names
 """
 import argparse
 import json
@@ -29,24 +27,18 @@ from models import DriftDiT, save_checkpoint
 # ------------------------------------------------------------------------------------------
 # Reading flax msgpack without flax
 # ------------------------------------------------------------------------------------------
-# flax.serialization stores every array as a msgpack ExtType. The codes and payloads below are
-# flax's (flax/serialization.py, _MsgpackExtType): ndarray = 1 with payload
-# msgpack((shape, dtype_name, raw_bytes)), native complex = 2, numpy scalar = 3 with payload
-# msgpack((dtype_name, raw_bytes)). Leaves over 2**30 bytes are split into a dict marked
-# "__msgpack_chunked_array__" holding the shape and a list of flat chunks.
+# flax.serialization (flax/serialization.py, _MsgpackExtType) stores every array as a msgpack
+# ExtType: ndarray = 1 with payload msgpack((shape, dtype_name, raw_bytes)), native complex = 2,
+# numpy scalar = 3 with payload msgpack((dtype_name, raw_bytes)). Leaves over 2**30 bytes are
+# split into {"__msgpack_chunked_array__": True, "shape": {"0": ..}, "chunks": {"0": flat, ..}}.
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 
 
-def _np_dtype(name):
-    # bfloat16 is not a numpy dtype; we widen it to float32 exactly (it is the top half).
-    return np.dtype("uint16") if name == "bfloat16" else np.dtype(name)
-
-
 def _decode(name, buf):
-    arr = np.frombuffer(buf, dtype=_np_dtype(name))
-    if name == "bfloat16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr
+    if name != "bfloat16":
+        return np.frombuffer(buf, dtype=np.dtype(name))
+    # bfloat16 is not a numpy dtype; it is float32's top half, so we widen it exactly.
+    return (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def _ext_hook(code, data):
@@ -55,11 +47,9 @@ def _ext_hook(code, data):
         shape, dtype, buf = msgpack.unpackb(data)
         return _decode(dtype, buf).reshape(shape)
     if code == _EXT_NPSCALAR:
-        dtype, buf = msgpack.unpackb(data)
-        return _decode(dtype, buf)[0]
+        return _decode(*msgpack.unpackb(data))[0]
     if code == _EXT_COMPLEX:
-        real, imag = msgpack.unpackb(data)
-        return complex(real, imag)
+        return complex(*msgpack.unpackb(data))
     raise ValueError(f"unknown flax msgpack extension type {code}")
 
 
@@ -69,7 +59,6 @@ def _flatten(tree, prefix=""):
     for key, val in tree.items():
         name = f"{prefix}{key}"
         if isinstance(val, dict) and val.get("__msgpack_chunked_array__"):
-            # flax stores the shape and the chunk list as {"0": ..., "1": ...} dicts
             shape = [val["shape"][str(i)] for i in range(len(val["shape"]))]
             chunks = [val["chunks"][str(i)].reshape(-1) for i in range(len(val["chunks"]))]
             out[name] = np.concatenate(chunks).reshape(shape)
@@ -88,10 +77,9 @@ def read_flax_msgpack(path):
         raise ImportError("convert.py needs the msgpack package: pip install msgpack") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected an official ema_params.msgpack)")
-    with open(path, "rb") as f:
-        raw = f.read()
     try:
-        tree = msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        with open(path, "rb") as f:
+            tree = msgpack.unpackb(f.read(), ext_hook=_ext_hook, raw=False, strict_map_key=False)
     except Exception as e:
         raise ValueError(f"{path}: not a readable flax msgpack file ({e})") from e
     if not isinstance(tree, dict):
@@ -113,16 +101,14 @@ def read_artifact(folder):
 
 
 def read_flat_safetensors(path, kind=None):
-    """A flat {'a/b/kernel': array} .safetensors file (as tests/fixtures/gen_params.safetensors)
-    -> (metadata, flat), the same pair as read_artifact. `model_config` comes from the file's
-    metadata (JSON); `kind` from the argument, else from the metadata."""
+    """A flat {'a/b/kernel': array} .safetensors (as tests/fixtures/gen_params.safetensors) ->
+    (metadata, flat) like read_artifact; model_config and (unless given) kind from its metadata."""
     with safe_open(path, "np") as f:
         file_meta = f.metadata() or {}
     if "model_config" not in file_meta:
         raise ValueError(f"{path}: no model_config in the safetensors metadata")
-    meta = {"kind": kind or file_meta.get("kind"),
-            "model_config": json.loads(file_meta["model_config"])}
-    return meta, load_file(path)
+    return ({"kind": kind or file_meta.get("kind"),
+             "model_config": json.loads(file_meta["model_config"])}, load_file(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,37 +146,29 @@ def gen_config_from_official(model_config):
 def gen_name_map(depth, n_style):
     """Our state_dict name -> official flat name. TorchLinear wraps one nn.Dense ('Dense_0')
     whose kernel is [in, out], the transpose of nn.Linear.weight; Embed tables are as is."""
-    L, m = "LightningDiT_0/", {}
-
-    def dense(ours, theirs):
-        m[ours + ".weight"] = theirs + "/Dense_0/kernel"
-        m[ours + ".bias"] = theirs + "/Dense_0/bias"
-
-    m["y_embed.weight"] = "Embed_0/embedding"
-    for i in range(n_style):
-        m[f"style_embeds.{i}.weight"] = f"noise_embeds_{i}/embedding"
-    dense("alpha_mlp.0", "TimestepEmbedder_0/TorchLinear_0")
-    dense("alpha_mlp.2", "TimestepEmbedder_0/TorchLinear_1")
-    m["alpha_norm.weight"] = "RMSNorm_0/weight"
-    dense("x_embed", L + "TorchLinear_0")
-    m["pos_embed"] = L + "pos_embed"
-    dense("cls_proj", L + "TorchLinear_1")
-    m["cls_embed"] = L + "cls_embed"
+    L, F = "LightningDiT_0/", "LightningDiT_0/FinalLayer_0/"
+    m = {"y_embed.weight": "Embed_0/embedding", "alpha_norm.weight": "RMSNorm_0/weight",
+         "pos_embed": L + "pos_embed", "cls_embed": L + "cls_embed",
+         "final.norm.weight": F + "RMSNorm_0/weight"}
+    m.update({f"style_embeds.{i}.weight": f"noise_embeds_{i}/embedding" for i in range(n_style)})
+    dense = {"alpha_mlp.0": "TimestepEmbedder_0/TorchLinear_0", "x_embed": L + "TorchLinear_0",
+             "alpha_mlp.2": "TimestepEmbedder_0/TorchLinear_1", "cls_proj": L + "TorchLinear_1",
+             "final.adaLN": F + "TorchLinear_0", "final.linear": F + "TorchLinear_1"}
     for i in range(depth):
         ours, b = f"blocks.{i}.", f"{L}blocks_{i}/"
         m[ours + "norm1.weight"] = b + "RMSNorm_0/weight"
         m[ours + "norm2.weight"] = b + "RMSNorm_1/weight"
-        dense(ours + "attn.qkv", b + "Attention_0/TorchLinear_0")
         m[ours + "attn.q_norm.weight"] = b + "Attention_0/q_norm/weight"
         m[ours + "attn.k_norm.weight"] = b + "Attention_0/k_norm/weight"
-        dense(ours + "attn.proj", b + "Attention_0/TorchLinear_1")
-        dense(ours + "mlp.w1", b + "SwiGLUFFN_0/TorchLinear_0")
-        dense(ours + "mlp.w3", b + "SwiGLUFFN_0/TorchLinear_1")
-        dense(ours + "mlp.w2", b + "SwiGLUFFN_0/TorchLinear_2")
-        dense(ours + "adaLN", b + "TorchLinear_0")
-    m["final.norm.weight"] = L + "FinalLayer_0/RMSNorm_0/weight"
-    dense("final.adaLN", L + "FinalLayer_0/TorchLinear_0")
-    dense("final.linear", L + "FinalLayer_0/TorchLinear_1")
+        dense.update({ours + "attn.qkv": b + "Attention_0/TorchLinear_0",
+                      ours + "attn.proj": b + "Attention_0/TorchLinear_1",
+                      ours + "mlp.w1": b + "SwiGLUFFN_0/TorchLinear_0",
+                      ours + "mlp.w3": b + "SwiGLUFFN_0/TorchLinear_1",
+                      ours + "mlp.w2": b + "SwiGLUFFN_0/TorchLinear_2",
+                      ours + "adaLN": b + "TorchLinear_0"})
+    for ours, theirs in dense.items():
+        m[ours + ".weight"] = theirs + "/Dense_0/kernel"
+        m[ours + ".bias"] = theirs + "/Dense_0/bias"
     return m
 
 
@@ -246,10 +224,9 @@ def _to_torch(a):
 
 @torch.no_grad()
 def load_official_mae_params(model, flat):
-    """Copy official flat params {'encoder/conv1/kernel': array, ...} into `model`. Strict on
-    the encoder; the decoder/fc may be absent (encoder-only trees such as the golden artifact)
-    but then all of them, and only if loaded they must be complete. Raises ValueError naming
-    every unknown, missing or misshaped tensor. Returns the names left at their init."""
+    """Copy official flat params {'encoder/conv1/kernel': array, ...} into `model`: the whole
+    encoder, the decoder and fc all or none (encoder-only trees). Raises ValueError naming every
+    unknown, missing or misshaped tensor; returns the names left at their init."""
     own = model.state_dict()
     errors, new = [], {}
     for name, a in flat.items():
@@ -276,14 +253,11 @@ def load_official_mae_params(model, flat):
 
 
 def mae_from_official(model_config, flat):
-    """Build an MAEResNet from an official artifact: (metadata['model_config'], flat params).
-    Builds the decoder and class head only if the artifact holds them."""
-    cfg = MAEConfig(**model_config)
+    """(metadata['model_config'], flat params) -> MAEResNet, with decoder and head if present."""
     heads = any(k.removeprefix("params/").startswith(("decoder/", "fc/")) for k in flat)
-    with torch.device("meta"):                                  # skip the random init of up
-        model = MAEResNet(cfg, with_heads=heads)                # to 2.7B params: every tensor
-    model = model.to_empty(device="cpu")                        # is overwritten below
-    left = load_official_mae_params(model, flat)
+    with torch.device("meta"):  # skip the random init of up to 2.7B params: all overwritten below
+        model = MAEResNet(MAEConfig(**model_config), with_heads=heads)
+    left = load_official_mae_params(model.to_empty(device="cpu"), flat)
     if left:
         raise ValueError(f"official MAE params lack {left} (decoder and fc come together)")
     return model.eval()
@@ -293,8 +267,7 @@ def mae_from_official(model_config, flat):
 # Dispatch on metadata["kind"] and the command line
 # ------------------------------------------------------------------------------------------
 # kind -> (official (model_config, flat params) -> our module, writer of our weights file).
-# "mae" is the feature encoder (the `encoder/` subtree of an MAE artifact, plus the decoder
-# and class head when present).
+# "mae" is the feature encoder (its `encoder/` subtree, plus the decoder and head if present).
 CONVERTERS = {"gen": (convert_gen, save_checkpoint),
               "mae": (mae_from_official, partial(save_checkpoint, kind="mae"))}
 
@@ -312,16 +285,12 @@ def convert(meta, flat):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="official JAX artifact -> OUT/model.safetensors")
     parser.add_argument("--artifact", required=True,
-                        help="official folder (ema_params.msgpack + metadata.json), or a flat "
-                             ".safetensors with model_config in its metadata")
-    parser.add_argument("--kind", default=None, choices=sorted(CONVERTERS),
-                        help="model kind of a flat .safetensors (folders carry it in metadata)")
+                        help="official folder or flat .safetensors with model_config metadata")
+    parser.add_argument("--kind", choices=sorted(CONVERTERS), help="kind of a flat .safetensors")
     parser.add_argument("--out", required=True, help="output folder (created)")
     args = parser.parse_args()
-    if os.path.isdir(args.artifact):
-        meta, flat = read_artifact(args.artifact)
-    else:
-        meta, flat = read_flat_safetensors(args.artifact, args.kind)
+    meta, flat = (read_artifact(args.artifact) if os.path.isdir(args.artifact)
+                  else read_flat_safetensors(args.artifact, args.kind))
     model = convert(meta, flat)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.safetensors")

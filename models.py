@@ -1,16 +1,12 @@
 """
 Generators for Drifting Models: f(noise) -> sample in one step.
 
-- `MLP`: the toy 2-D generator of the official notebook (32-d Gaussian noise, 3 hidden layers
-  of 256 with SiLU, 2-d output).
+- `MLP`: the toy 2-D generator of the official notebook (32-d noise, 3 x 256 SiLU, 2-d out).
 - `DriftDiT`: the class-conditional image generator (paper Sec. 4 / A.2; official
   `models/generator.py`, `DitGen` + `LightningDiT`), number-for-number with the official JAX
-  release in float32 (tests/test_models.py checks it against golden outputs). Sizes live in
-  `DriftDiT_models`; `S2` and `S4` are tiny presets for CPU runs.
-
-Layout: our public API is NCHW, the PyTorch convention: noise (B, C, H, W) -> sample
-(B, C, H, W). The official code is NHWC; internally we patchify to the same token and
-patch-vector order, so converted weights work unchanged.
+  release in float32 (tests/test_models.py checks golden outputs). Sizes: `DriftDiT_models`.
+  Its API is NCHW, noise (B, C, H, W) -> sample (B, C, H, W); the official code is NHWC, and
+  we patchify to its token and patch-vector order, so converted weights work unchanged.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python models.py            # every preset's size + a forward shape check
@@ -26,9 +22,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Shapes: B batch; C channels; H, W sample size; p patch side; g = H / p patches per side;
-#         T = g * g patch tokens; K class (in-context) tokens; N = K + T tokens;
-#         D width; Dc cond width; h heads; hd = D / h head dim; M style codebooks (noise_coords).
-#         MLP only: Z noise dim, D output dim.
+#         T = g * g patch tokens; K in-context class tokens; N = K + T; D width; Dc cond width;
+#         h heads; hd = D / h head dim; M style codebooks (noise_coords). MLP: Z noise, D out.
 
 ALPHA_EMBED_SCALE = 0.02  # c += 0.02 * RMSNorm(MLP(sincos(alpha))): official DitGen
 ALPHA_FREQ_DIM = 256      # sinusoidal features of alpha (DiT's timestep embedder size)
@@ -43,23 +38,19 @@ CKPT_KIND = "gen"         # `kind` in our model.safetensors metadata (as the off
 # ------------------------------------------------------------------------------------------
 class MLP(nn.Module):
     """Noise (B, Z) -> point (B, D). The toy generator of Sec. 5.1 / Fig. 3-4."""
-
     def __init__(self, noise_dim=32, hidden=256, depth=3, out_dim=2):
         super().__init__()
         self.noise_dim = noise_dim
-        layers, d = [], noise_dim
-        for _ in range(depth):
-            layers += [nn.Linear(d, hidden), nn.SiLU()]
-            d = hidden
-        layers.append(nn.Linear(d, out_dim))
-        self.net = nn.Sequential(*layers)
+        dims = [noise_dim] + [hidden] * depth                   # Linear + SiLU per hidden layer
+        layers = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.SiLU())]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
 
     def forward(self, noise):
         return self.net(noise)                                    # (B, D)
 
 
 # ------------------------------------------------------------------------------------------
-# DriftDiT helpers
+# DriftDiT helpers and layers
 # ------------------------------------------------------------------------------------------
 def sincos_1d(dim, pos):
     """pos (L,) -> (L, dim) as [sin | cos], frequencies 1 / 1e4^(i / (dim/2)) (MAE form)."""
@@ -78,8 +69,7 @@ def sincos_2d(dim, g):
 
 
 def alpha_features(alpha):
-    """CFG scale alpha (B,) -> (B, 256) [cos | sin] features: DiT's timestep embedding applied
-    to the raw alpha (max period 1e4), as the official TimestepEmbedder."""
+    """CFG scale alpha (B,) -> (B, 256) [cos | sin]: the official TimestepEmbedder of raw alpha."""
     half = ALPHA_FREQ_DIM // 2
     freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=alpha.device) / half)
     ang = alpha.float()[:, None] * freqs[None]                   # (B, 128)
@@ -89,8 +79,7 @@ def alpha_features(alpha):
 def rope_cos_sin(n_tokens, hd, device):
     """1-D RoPE tables over the token index 0..N-1 (class tokens first, then patches).
     NOTE: LightningDiT uses 2-D axial RoPE; the official Drifting code is 1-D, so are we."""
-    half = hd // 2
-    inv_freq = 1.0 / MAX_PERIOD ** (torch.arange(half, device=device) / half)   # (hd/2,)
+    inv_freq = 1.0 / MAX_PERIOD ** (torch.arange(0, hd, 2, device=device) / hd)   # (hd/2,)
     ang = torch.arange(n_tokens, device=device).float()[:, None] * inv_freq[None]  # (N, hd/2)
     ang = torch.cat([ang, ang], dim=1)                           # (N, hd)
     # NOTE: always float32. The official code builds these in bf16 when attn_fp32 is off,
@@ -104,21 +93,8 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin          # (B, h, N, hd)
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift                               # (B, N, D)
-
-
-def swiglu_hidden(D, mlp_ratio):
-    """The official SwiGLU width: int(2/3 * int(D * mlp_ratio)) rounded up to a multiple of 32."""
-    return (int(2 / 3 * int(D * mlp_ratio)) + 31) // 32 * 32
-
-
-# ------------------------------------------------------------------------------------------
-# DriftDiT layers
-# ------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32, returned in the input dtype (official)."""
-
     def __init__(self, dim):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -133,7 +109,6 @@ class AdaLN(nn.Linear):
     """c -> Linear(SiLU(c)), always in float32 with autocast off: the official code computes
     the modulation in fp32 "to avoid bf16 precision loss". Zero-initialized (adaLN-zero).
     NOTE: the official then casts shift/scale/gate to bf16 (use_bf16); we keep them fp32."""
-
     def forward(self, c):
         with torch.autocast(c.device.type, enabled=False):
             return F.linear(F.silu(c.float()), self.weight.float(), self.bias.float())
@@ -141,7 +116,6 @@ class AdaLN(nn.Linear):
 
 class Attention(nn.Module):
     """MHSA with qkv bias, per-head QK RMSNorm, 1-D RoPE, scale 1/sqrt(hd)."""
-
     def __init__(self, D, num_heads, attn_fp32):
         super().__init__()
         self.h, self.attn_fp32 = num_heads, attn_fp32
@@ -160,13 +134,11 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         else:
             o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
-        o = o.transpose(1, 2).reshape(B, N, D)                   # (B, N, D)
-        return self.proj(o)                                      # (B, N, D)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))    # (B, N, D)
 
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), all with biases (official SwiGLUFFN)."""
-
     def __init__(self, D, hidden):
         super().__init__()
         self.w1, self.w3, self.w2 = nn.Linear(D, hidden), nn.Linear(D, hidden), nn.Linear(hidden, D)
@@ -175,30 +147,24 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))          # (B, N, D)
 
 
-# ------------------------------------------------------------------------------------------
-# DriftDiT block and final layer
-# ------------------------------------------------------------------------------------------
 class DriftDiTBlock(nn.Module):
     """LightningDiT-style block: pre-RMSNorm, adaLN-zero modulation from c, gated residuals."""
-
     def __init__(self, D, num_heads, mlp_ratio, cond_dim, attn_fp32):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(D), RMSNorm(D)
         self.attn = Attention(D, num_heads, attn_fp32)
-        self.mlp = SwiGLU(D, swiglu_hidden(D, mlp_ratio))
+        self.mlp = SwiGLU(D, (int(2 / 3 * int(D * mlp_ratio)) + 31) // 32 * 32)  # official width
         self.adaLN = AdaLN(cond_dim, 6 * D)
 
     def forward(self, x, c, cos, sin):
         mod = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)         # 6 x (B, 1, D), fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x                                                 # (B, N, D)
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, cos, sin)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
     """RMSNorm -> adaLN (shift, scale) -> zero-init Linear(D -> p*p*C_out)."""
-
     def __init__(self, D, cond_dim, out_dim):
         super().__init__()
         self.norm, self.adaLN = RMSNorm(D), AdaLN(cond_dim, 2 * D)
@@ -206,7 +172,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN(c).unsqueeze(1).chunk(2, dim=-1)   # (B, 1, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))     # (B, N, p*p*C_out)
+        return self.linear(self.norm(x) * (1 + scale) + shift)       # (B, N, p*p*C_out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,7 +187,7 @@ class DriftDiTConfig:
     hidden_size: int       # D
     depth: int             # blocks
     num_heads: int         # h
-    mlp_ratio: float       # SwiGLU width = swiglu_hidden(D, mlp_ratio)
+    mlp_ratio: float       # SwiGLU width: 2/3 * D * mlp_ratio, rounded up to a multiple of 32
     cond_dim: int          # Dc, width of the conditioning vector c
     num_classes: int       # rows of the class embedding (no null class: CFG is alpha-conditioned)
     n_cls_tokens: int      # K in-context class tokens
@@ -232,15 +198,11 @@ class DriftDiTConfig:
 
 
 class DriftDiT(nn.Module):
-    """x = f_theta(eps | y, alpha): noise eps (B, C, H, W), labels y (B,) and CFG scale alpha
-    -> sample x (B, C, H, W) in one step (paper Sec. 4, A.2). The conditioning vector is
-
+    """x = f_theta(eps | y, alpha): noise eps (B, C, H, W), labels y (B,), CFG scale alpha ->
+    sample x (B, C, H, W) in one step (Sec. 4, A.2), the sample itself (no residual on the noise).
     c = E_cls[y] + sum_m E_m[u_m] + 0.02 RMSNorm(MLP(sincos(alpha))), u_m ~ U{0..noise_classes-1}
-    drawn at EVERY forward (train and inference; paper A.2 "style embeddings"). Tokens: K class
-    tokens Linear(c) + e_k, then T patch tokens; adaLN-zero blocks; the class tokens are dropped
-    and the patches unpatchified. The output is the sample itself (no residual on the noise).
-    """
-
+    drawn at EVERY forward (train and inference; A.2 "style embeddings"). Tokens: K class tokens
+    Linear(c) + e_k, then T patch tokens; adaLN-zero blocks; the class tokens are dropped."""
     def __init__(self, cfg: DriftDiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -249,23 +211,18 @@ class DriftDiT(nn.Module):
         assert D % cfg.num_heads == 0 and (D // cfg.num_heads) % 2 == 0, "need even head dim"
         assert cfg.n_cls_tokens >= 1, "need in-context class tokens (the official configs: 16)"
         self.g = cfg.input_size // p
-        # conditioning vector c
         self.y_embed = nn.Embedding(cfg.num_classes, Dc)
-        n_style = cfg.noise_coords if cfg.noise_classes > 0 else 0   # M codebooks
-        self.style_embeds = nn.ModuleList(nn.Embedding(cfg.noise_classes, Dc)
-                                          for _ in range(n_style))
+        M = cfg.noise_coords if cfg.noise_classes > 0 else 0    # style codebooks
+        self.style_embeds = nn.ModuleList(nn.Embedding(cfg.noise_classes, Dc) for _ in range(M))
         self.alpha_mlp = nn.Sequential(nn.Linear(ALPHA_FREQ_DIM, Dc), nn.SiLU(), nn.Linear(Dc, Dc))
         self.alpha_norm = RMSNorm(Dc)
-        # tokens
         self.x_embed = nn.Linear(p * p * cfg.in_channels, D)
-        # NOTE: a Parameter initialized to sincos, so the optimizer moves it (official); DiT's
-        # is a frozen buffer.
+        # NOTE: a learnable Parameter initialized to sincos (official); DiT's is a frozen buffer.
         self.pos_embed = nn.Parameter(sincos_2d(D, self.g)[None])          # (1, T, D)
         self.cls_proj = nn.Linear(Dc, D)
         self.cls_embed = nn.Parameter(torch.zeros(1, cfg.n_cls_tokens, D))  # (1, K, D)
-        self.blocks = nn.ModuleList(
-            DriftDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, Dc, cfg.attn_fp32)
-            for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DriftDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, Dc,
+                                                  cfg.attn_fp32) for _ in range(cfg.depth))
         self.final = FinalLayer(D, Dc, p * p * cfg.out_channels)
         self.reset_parameters()
 
@@ -282,18 +239,16 @@ class DriftDiT(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=INIT_STD)
-        for m in self.alpha_mlp[0], self.alpha_mlp[2]:
-            nn.init.normal_(m.weight, std=INIT_STD)
-        nn.init.normal_(self.cls_embed, std=INIT_STD)
+        for w in self.alpha_mlp[0].weight, self.alpha_mlp[2].weight, self.cls_embed:
+            nn.init.normal_(w, std=INIT_STD)
         for m in [b.adaLN for b in self.blocks] + [self.final.adaLN, self.final.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def draw_style(self, B, generator=None, device=None):
         """Style indices u (B, M), uniform; drawn on the generator's device, then moved."""
-        gdev = generator.device if generator is not None else device
         u = torch.randint(self.cfg.noise_classes, (B, len(self.style_embeds)), generator=generator,
-                          device=gdev)
+                          device=generator.device if generator is not None else device)
         return u.to(device)                                      # (B, M)
 
     def condition(self, labels, alpha, style_idx=None, generator=None):
@@ -301,11 +256,10 @@ class DriftDiT(nn.Module):
         B = labels.shape[0]
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=labels.device).expand(B)
         c = self.y_embed(labels)                                 # (B, Dc)
-        if len(self.style_embeds):
-            if style_idx is None:
-                style_idx = self.draw_style(B, generator, labels.device)
-            for m, E in enumerate(self.style_embeds):
-                c = c + E(style_idx[:, m])                       # (B, Dc)
+        if style_idx is None and len(self.style_embeds):
+            style_idx = self.draw_style(B, generator, labels.device)
+        for m, E in enumerate(self.style_embeds):
+            c = c + E(style_idx[:, m])                           # (B, Dc)
         a = self.alpha_norm(self.alpha_mlp(alpha_features(alpha)))   # (B, Dc)
         return c + ALPHA_EMBED_SCALE * a                         # (B, Dc)
 
@@ -333,11 +287,10 @@ class DriftDiT(nn.Module):
         cls = self.cls_proj(c)[:, None] + self.cls_embed         # (B, K, D)
         x = torch.cat([cls, x], dim=1)                           # (B, N, D)
         cos, sin = rope_cos_sin(x.shape[1], cfg.hidden_size // cfg.num_heads, x.device)
+        remat = cfg.grad_checkpoint and torch.is_grad_enabled()  # official `use_remat`
         for block in self.blocks:
-            if cfg.grad_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, cos, sin, use_reentrant=False)  # (B, N, D)
-            else:
-                x = block(x, c, cos, sin)                        # (B, N, D)
+            x = (checkpoint(block, x, c, cos, sin, use_reentrant=False) if remat
+                 else block(x, c, cos, sin))                     # (B, N, D)
         x = self.final(x, c)[:, cfg.n_cls_tokens:]               # (B, T, p*p*C_out)
         return self.unpatchify(x)                                # (B, C, H, W)
 
@@ -352,10 +305,8 @@ class DriftDiT(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Weights file: model.safetensors with the config as JSON in its metadata
 # ------------------------------------------------------------------------------------------
-# One format for every model of the repo (kind "gen" here, "mae" for encoder.py's MAEResNet):
-# the tensors under their state_dict names (a training run adds its EMA under "ema/"), and
-# metadata {"kind", "config": JSON of the model's config dataclass, ...}. convert.py writes it
-# for the official weights, train.py for its runs.
+# One format for every model (kind "gen" here, "mae" for encoder.MAEResNet), written by convert.py
+# and train.py: tensors by state_dict name (EMA under "ema/"), metadata {"kind", "config": JSON}.
 def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, config=None, train_state=None,
                     **meta):
     """Write `model`'s weights (+ `ema`'s under "ema/") and config (default: the model's
@@ -459,9 +410,9 @@ if __name__ == "__main__":
     x = mlp(torch.randn(5, mlp.noise_dim))
     print(f"MLP: {sum(p.numel() for p in mlp.parameters()):,} params, (5, 32) -> {tuple(x.shape)}")
     for name, preset in DriftDiT_models.items():
-        with torch.device("meta"):  # counts without allocating (L16 is 1.9 GB in fp32)
-            n = sum(p.numel() for p in DriftDiT(DriftDiTConfig(**preset)).parameters())
         c = DriftDiTConfig(**preset)
+        with torch.device("meta"):  # counts without allocating (L16 is 1.9 GB in fp32)
+            n = sum(p.numel() for p in DriftDiT(c).parameters())
         print(f"DriftDiT {name:4s} {n / 1e6:7.2f}M params | {c.input_size}x{c.input_size}x"
               f"{c.in_channels} p{c.patch_size} D{c.hidden_size} depth {c.depth} heads "
               f"{c.num_heads} | tokens {c.n_cls_tokens}+{(c.input_size // c.patch_size) ** 2}")
