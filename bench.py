@@ -2,7 +2,7 @@
 Benchmarks, printed as Markdown tables with the command line and the machine in the header.
 
   python bench.py                 # everything below (about 8 minutes on a 2-core CPU)
-  python bench.py --only loss     # drift loss value+grad: ours vs its matmul floor vs a plain port
+  python bench.py --only loss     # drift loss value+grad vs its matmul floor
   python bench.py --only memory   # peak memory of drift_loss, whole vs chunked (subprocesses)
   python bench.py --only models   # generator forward+backward of the tiny presets
   python bench.py --only train    # one train.py --stage gen step of the tiny CPU presets
@@ -11,8 +11,7 @@ Benchmarks, printed as Markdown tables with the command line and the machine in 
 
 The matmul floor is what the drift loss cannot avoid: the distances as one batched matmul and
 the forces as one more (the three temperatures stacked), timed in the same run on the same
-tensors, once whole and once in the row chunks drift_loss works in. The "plain" column is a
-direct whole-tensor port of the official drift_loss.py (written here for comparison only).
+tensors, once whole and once in the row chunks drift_loss works in.
 Timings are medians; the functions of a table run in turns, so compare ratios, not times,
 across runs on a shared machine.
 """
@@ -28,7 +27,7 @@ import time
 
 import torch
 
-from field import default_chunk_rows, drift_loss
+from field import drift_loss
 
 LOSS_SHAPES = [(64, 64, 64, 16, 256), (256, 64, 64, 16, 64), (1024, 64, 64, 16, 32),
                (16, 64, 128, 32, 640)]                               # (rows, C_g, C_p, C_n, S)
@@ -36,32 +35,9 @@ MEMORY_SHAPE = dict(C_g=64, C_p=64, C_n=16, S=256)                  # 144 target
 TAUS = (0.02, 0.05, 0.2)
 
 
-def plain_drift_loss(gen, pos, neg, w_neg, taus=TAUS):
-    """The official drift_loss.py, line by line, on whole tensors (reference only)."""
-    B, C_g, S = gen.shape
-    C_n, C_p = neg.shape[1], pos.shape[1]
-    with torch.no_grad():
-        x = gen.detach()
-        y = torch.cat([x, neg, pos], dim=1)
-        w = torch.cat([torch.ones(B, C_g), w_neg, torch.ones(B, C_p)], dim=1)
-        sq = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * x @ y.mT
-        dist = sq.clamp_min(1e-8).sqrt()
-        scale = (dist * w[:, None, :]).mean() / w.mean()
-        s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
-        x_n, y_n = x / s_in, y / s_in
-        d_n = dist / scale.clamp_min(1e-3)
-        d_n = d_n + 100.0 * torch.eye(C_g, C_g + C_n + C_p)[None]
-        total = torch.zeros_like(x_n)
-        for tau in taus:
-            logits = -d_n / tau
-            A = (logits.softmax(-1) * logits.softmax(-2)).clamp_min(1e-6).sqrt() * w[:, None, :]
-            A_neg, A_pos = A[..., :C_g + C_n], A[..., C_g + C_n:]
-            R = torch.cat([-A_neg * A_pos.sum(-1, keepdim=True),
-                           A_pos * A_neg.sum(-1, keepdim=True)], dim=-1)
-            V = R @ y_n - R.sum(-1, keepdim=True) * x_n
-            total += V / (V ** 2).mean().clamp_min(1e-8).sqrt()
-        goal = x_n + total
-    return ((gen / s_in - goal) ** 2).mean((-1, -2))
+def chunk_rows(C_g, M, T=len(TAUS)):
+    """drift_loss's default rows per chunk (about 4 MB per (rows, T, C_g, M) tensor)."""
+    return max(1, 2 ** 20 // (T * C_g * M))
 
 
 def timeit(fn, repeat=7, warmup=2):
@@ -92,16 +68,16 @@ def inputs(rows, C_g, C_p, C_n, S, seed=0):
 
 
 def bench_loss():
-    print("\n### drift_loss value + gradient (ms, median of 11, all four run in turns)\n")
-    print("| rows, C_g, C_p, C_n, S | matmul floor | ours | ours / floor | floor in row chunks "
-          "| ours / chunked floor | plain port | plain / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n### drift_loss value + gradient (ms, median of 11, all three run in turns)\n")
+    print("| rows, C_g, C_p, C_n, S | matmul floor | drift_loss | / floor | floor in row chunks "
+          "| / chunked floor |")
+    print("|---|---|---|---|---|---|")
     for shape in LOSS_SHAPES:
         gen, pos, neg, w_neg = inputs(*shape)
         rows, C_g, C_p, C_n, S = shape
         y = torch.cat([gen, neg, pos], dim=1)                        # (rows, M, S)
         A = torch.rand(rows, len(TAUS) * C_g, y.shape[1])           # stacked taus
-        chunk = default_chunk_rows(C_g, y.shape[1], S, len(TAUS))   # drift_loss's chunks
+        chunk = chunk_rows(C_g, y.shape[1])                          # drift_loss's chunks
         x = gen.clone().requires_grad_(True)
 
         def floor_chunked():
@@ -115,12 +91,11 @@ def bench_loss():
 
         t = timeit_all({"floor": lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)),
                         "chunked": floor_chunked,
-                        "ours": lambda: run(lambda x: drift_loss(x, pos, neg, w_neg=w_neg)[0]),
-                        "plain": lambda: run(lambda x: plain_drift_loss(x, pos, neg, w_neg))},
+                        "ours": lambda: run(lambda x: drift_loss(x, pos, neg, w_neg=w_neg)[0])},
                        repeat=11)
-        f, c, ours, plain = t["floor"], t["chunked"], t["ours"], t["plain"]
+        f, c, ours = t["floor"], t["chunked"], t["ours"]
         print(f"| {shape} | {f * 1e3:.1f} | {ours * 1e3:.1f} | {ours / f:.2f} | {c * 1e3:.1f} | "
-              f"{ours / c:.2f} | {plain * 1e3:.1f} | {plain / f:.2f} |")
+              f"{ours / c:.2f} |")
 
 
 def _rss_kb(field):
@@ -138,12 +113,9 @@ def memory_child(mode, rows):
     w_neg = torch.empty(rows, s["C_n"]).uniform_(0, 3)
     gen.grad = torch.zeros_like(gen)                                 # the gradient's memory
     base = _rss_kb("VmRSS:")                                         # counts as input
-    if mode == "plain":
-        loss = plain_drift_loss(gen, pos, neg, w_neg)
-    else:
-        budget = 2 ** 62 if mode == "whole" else 0
-        chunk = rows if mode == "whole" else None
-        loss, _ = drift_loss(gen, pos, neg, w_neg=w_neg, chunk_rows=chunk, memory_budget=budget)
+    budget = 2 ** 62 if mode == "whole" else 0
+    chunk = rows if mode == "whole" else None
+    loss, _ = drift_loss(gen, pos, neg, w_neg=w_neg, chunk_rows=chunk, memory_budget=budget)
     loss.sum().backward()
     print((_rss_kb("VmHWM:") - base) * 1024)
 
@@ -161,21 +133,20 @@ def bench_memory(rows_list=(2048, 8192), big=65536):
     s = MEMORY_SHAPE
     print(f"\n### drift_loss peak memory above its inputs (GB; C_g={s['C_g']}, "
           f"targets={s['C_g'] + s['C_p'] + s['C_n']}, S={s['S']})\n")
-    print("| rows | plain port | ours, whole (one chunk, keep all) | ours, chunked "
-          "(budget 0) | chunked / whole |")
-    print("|---|---|---|---|---|")
-    per_row = {}
+    print("| rows | whole (one chunk, keep all) | chunked (default chunks, budget 0) "
+          "| chunked / whole |")
+    print("|---|---|---|---|")
+    per_row = None
     for rows in rows_list:
-        p = {m: peak(m, rows) for m in ("plain", "whole", "chunked")}
-        per_row = {m: p[m] / rows for m in p if p[m]}
-        print(f"| {rows} | {p['plain'] / 1e9:.2f} | {p['whole'] / 1e9:.2f} | "
-              f"{p['chunked'] / 1e9:.2f} | {p['chunked'] / p['whole']:.3f} |")
+        p = {m: peak(m, rows) for m in ("whole", "chunked")}
+        per_row = p["whole"] / rows
+        print(f"| {rows} | {p['whole'] / 1e9:.2f} | {p['chunked'] / 1e9:.2f} | "
+              f"{p['chunked'] / p['whole']:.3f} |")
     chunked_big = peak("chunked", big)
-    est = {m: per_row[m] * big / 1e9 for m in ("plain", "whole")}
+    est = per_row * big / 1e9
     measured = f"{chunked_big / 1e9:.2f}" if chunked_big else "(did not run)"
-    ratio = f"{chunked_big / 1e9 / est['whole']:.3f}" if chunked_big else "-"
-    print(f"| {big} | {est['plain']:.1f} (extrapolated) | {est['whole']:.1f} (extrapolated) | "
-          f"{measured} (measured) | {ratio} |")
+    ratio = f"{chunked_big / 1e9 / est:.3f}" if chunked_big else "-"
+    print(f"| {big} | {est:.1f} (extrapolated) | {measured} (measured) | {ratio} |")
     print(f"\nAt {big} rows the whole computation does not fit in this machine's memory: its "
           f"figure is the per-row peak measured at {rows_list[-1]} rows times {big}.")
 
@@ -213,14 +184,13 @@ TINY_MAE = {"S2": "tiny", "S4": "mnist", "S8": "pixel_tiny"}
 
 def tiny_setup(name):
     """A tiny preset's generator, frozen random feature encoder(s) (S8: MAE + ConvNeXt, as the
-    pixel recipes) and a sampler over random data, with the preset's GEN_RECIPES sizes."""
+    pixel recipes) and a sampler over random data, with the preset's train.RECIPES sizes."""
     import train
     from data import TensorSampler
     from convnext import ConvNeXt_models, ConvNeXtV2, pixel_feature_groups
     from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet
     from models import DriftDiT, DriftDiTConfig, DriftDiT_models
-    args = train.parser.parse_args(["--stage", "gen", "--model", name],
-                                   namespace=argparse.Namespace(**train.recipe("gen", name)))
+    args = train.parse_args(["--model", name, "--data-path", "unused"])   # the recipe's sizes
     torch.manual_seed(0)
     cfg = DriftDiTConfig(**DriftDiT_models[name])
     model = DriftDiT(cfg)
@@ -236,9 +206,11 @@ def tiny_setup(name):
 
 
 def bench_train():
-    """One generator step as train.py's fit() runs it: draw_groups, generator_loss (DriftDiT
+    """One generator step as train.py's loop runs it: draw_groups, generator_loss (DriftDiT
     forward, feature groups, drift_loss per group), backward, clip, AdamW, EMA."""
     import train
+    from data import draw_groups
+    from models import update_ema
     print("\n### One `train.py --stage gen` step, tiny CPU presets (ms, median of 3)\n")
     print("| preset | groups x (gen, pos, unc) | feature groups | drift-loss rows | step ms | "
           "of which drift_loss ms | generated samples/s |")
@@ -257,15 +229,15 @@ def bench_train():
             calls.append((time.perf_counter() - t0, gen.shape[0]))
             return out
 
-        def step(s=0):                                               # fit()'s loop body
+        def step(s=0):                                               # the loop's body
             calls.clear()
-            batch = train.draw_groups(sampler, cfg, args, s, groups)
+            batch = draw_groups(sampler, cfg, args, s, groups)
             loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
-            train.update_ema(ema, model, args.ema)
+            update_ema(ema, model, args.ema)
             field_s.append(sum(c[0] for c in calls))
 
         train.drift_loss = timed_drift_loss

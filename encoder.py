@@ -308,13 +308,22 @@ def mae_reconstruct(model, x, generator):
 
 
 @torch.no_grad()
-def mae_eval(model, x, mean_image, seed):
+def mae_eval(model, x, mean_image, seed=10_001):
     """Masked L2 of the model's reconstruction of x, and of the per-pixel mean image on the
-    same masks: the trivial baseline a useful MAE must beat."""
+    same (seeded) masks: the trivial baseline a useful MAE must beat."""
     xp, recon, mask = mae_reconstruct(model, x, torch.Generator(x.device).manual_seed(seed))
     mean = patchify(mean_image.expand_as(x), model.cfg.input_patch_size)   # (B, C, H, W)
     return (masked_l2(recon, xp, mask[:, :1]).mean().item(),
             masked_l2(mean, xp, mask[:, :1]).mean().item())
+
+
+@torch.no_grad()
+def mae_picture(model, x, seed=1):
+    """Rows masked input (masked = 0), reconstruction (visible pixels kept), original of x
+    (B, C_img, pH, pW) -> (3B, C_img, pH, pW), in x's range."""
+    xp, recon, mask = mae_reconstruct(model, x, torch.Generator(x.device).manual_seed(seed))
+    xp, recon, mask = (unpatchify(t, model.cfg.input_patch_size) for t in (xp, recon, mask))
+    return torch.cat([xp * (1 - mask), xp * (1 - mask) + recon * mask, xp])
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,9 +6,8 @@ numbers refer to v2). Official code: github.com/lambertae/drifting @ accd0cf, dr
 
 - `drift_field(x, y_pos, y_neg, tau)`: the kernel mean-shift field of Sec. 3 / Alg. 2, as
   in the official toy notebook. For teaching and the 2-D toy (toy.py).
-- `drift_loss(gen, pos, neg, ...)`: the loss the official ImageNet code trains with: feature
-  and drift normalization (App. A.6), several temperatures, CFG weights (App. A.7). It is
-  drift_loss.py line for line, run over chunks of rows so that paper-size groups fit.
+- `drift_loss(gen, pos, neg, ...)`: the official ImageNet loss, drift_loss.py line for line
+  (App. A.6-A.7), run over chunks of rows so that paper-size groups fit.
 
 The idea in one line (Eq. 6): move each generated sample x toward x + V(x), where
 V = V+ - V- pulls toward data and pushes away from the other generated samples; train with
@@ -77,9 +76,8 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     chunk_rows: rows per chunk (default ~4 MB per (rows, T, C_g, M) tensor). memory_budget:
     bytes that distances and forces of all rows may keep between the passes; above it each
     chunk is recomputed per pass (same loss, bounded memory, about twice the compute).
-    info: `scale` and `loss_{tau}` = mean(V_tau^2) BEFORE normalization, the number that
-    shrinks as q -> p (the loss itself stays ~constant, App. A.6).
-    """
+    info: `scale`, and `loss_{tau}` = mean(V_tau^2) BEFORE normalization: it shrinks as
+    q -> p, while the loss itself stays ~constant (App. A.6)."""
     # NOTE: the official code casts to float32 too; softmax over distances breaks in bf16.
     with torch.autocast(device_type=gen.device.type, enabled=False):
         # 1. Defaults & casting

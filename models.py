@@ -352,6 +352,17 @@ def read_checkpoint(path, kind, ema=True, device="cpu"):
     return json.loads(meta["config"]), sd, meta
 
 
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """DiT's EMA, by parameter name, buffers copied; decay = 0 copies the model."""
+    params = dict(model.named_parameters())
+    for name, p in ema.named_parameters():
+        p.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
+    buffers = dict(model.named_buffers())
+    for name, b in ema.named_buffers():
+        b.copy_(buffers[name])
+
+
 def load_training_checkpoint(run_dir, raw, ema, meta):
     """A run folder written by train.py -> raw and EMA weights loaded in place, and its train
     state returned (torch.load with weights_only=True: plain types only). Refuses a checkpoint

@@ -5,22 +5,19 @@ Train a Drifting Model generator, or its feature encoder. One loop, plain python
                N_c class groups, each with one CFG alpha, N_neg generated, N_pos positive and
                N_unc unconditional real samples; the drift loss on every feature group of the
                frozen MAE. --model picks the preset and its recipe (Tab. 8).
-  --stage mae  the feature encoder phi: a ResNet masked autoencoder (App. A.3), optionally
-               ending with the classification fine-tune.
-Every flag's default is the recipe of the --model (gen) or of the MAE (mae) given on the same
-command line, so `python train.py --model L2 --help` shows what L2 runs; given flags override.
+  --stage mae  the feature encoder phi, a ResNet masked autoencoder (App. A.3).
+Flag defaults are the recipe of the --model (or of the MAE) on the same command line: `python
+train.py --model L2 --help` shows what L2 runs; a flag given overrides it.
 
-    # MNIST-5k on a CPU: the MAE (~6 min on 2 cores), then the generator on its features
     python train.py --stage mae --steps 800 --batch 64 --warmup 50 --ema 0.99 \\
-        --log-every 50 --ckpt-every 200 --out runs/mae_mnist
-    python train.py --model S4                                     # -> runs/gen_mnist/
+        --log-every 50 --ckpt-every 200 --out runs/mae_mnist      # MNIST-5k MAE, CPU
+    python train.py --model S4                    # the generator on its features, CPU
     python train.py --model S4 --steps 2000 --resume               # continue that run
-    # ImageNet 256, 8 GPUs: latents cached by cache.py, the MAE converted by convert.py
     torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
 
-Checkpoint in --out: model.safetensors (weights, the EMA under "ema/", metadata: kind, model
-config, data, args, step) + train_state.pt (optimizer, step, per-rank RNG states, log history;
-loaded with weights_only=True), written by models.save_checkpoint.
+Checkpoint in --out (models.save_checkpoint): model.safetensors (weights, EMA under "ema/",
+metadata: kind, config, data, args, step) + train_state.pt (optimizer, step, per-rank RNG
+states, log history; loaded with weights_only=True).
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2). Equation numbers refer to v2.
 """
 import argparse
@@ -42,15 +39,13 @@ from cache import CACHE_MAKE, LatentCache
 from convnext import ConvNeXt_models, convnext_from_hf, pixel_feature_groups
 from data import ImageFolder, TensorSampler, draw_groups, mnist5k, split_per_class, subset, take
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
-                     mae_eval, mae_from_state, mae_reconstruct, unpatchify)
+                     mae_eval, mae_from_state, mae_picture)
 from field import drift_loss
 from models import (DriftDiT, DriftDiT_models, DriftDiTConfig, load_training_checkpoint,
-                    read_checkpoint, save_checkpoint)
+                    read_checkpoint, save_checkpoint, update_ema)
 from sample import decode, generate, save_curves, save_grid
 
-# ------------------------------------------------------------------------------------------
-# Config: one complete row per recipe (Tab. 8 and configs/*/*.yaml; S2/S4/S8 are ours)
-# ------------------------------------------------------------------------------------------
+# --- Config: one complete row per recipe (Tab. 8 and configs/*/*.yaml; S2/S4/S8 are ours) ---
 RECIPES = {
     # App. A.3, configs/mae/latent_ablation_256.yaml: constant lr after a linear warmup
     "mae": dict(data="mnist5k", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
@@ -89,26 +84,27 @@ PRESET = {"ablation": "B2"}     # recipe -> DriftDiT_models preset (the others s
 DATA = ["mnist5k", "latents", "images"]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's lines and shows every default."""
+
+
 def make_parser(recipe):
     """The flat parser, its defaults set from `recipe` so that --help shows what will run."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
-        "Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--stage", choices=["gen", "mae"], default="gen", help="what to train")
     a("--model", choices=[k for k in RECIPES if k != "mae"], default="S4",
       help="gen: DriftDiT preset and its recipe (ablation = B2 size, Tab. 8 ablation recipe)")
     a("--out", help="run folder (log, pictures, checkpoint)")
-    a("--data", help=f"one of {DATA}: MNIST-5k (built in), a latent cache (cache.py) or an "
-      "ImageNet-layout image folder")
-    a("--data-path", help="mnist5k: the csv.gz (default: the built-in copy); latents: the cache "
-      "folder; images: root/<class>/<image>")
+    a("--data", help=f"one of {DATA}: built-in digits, a cache.py folder, an image folder")
+    a("--data-path", help="mnist5k: the csv.gz (default: built in); latents: the cache; "
+      "images: root/<class>/<image>")
     a("--image-size", type=int, default=256, help="images: ADM center-crop size")
     a("--augment", action=argparse.BooleanOptionalAction, default=False,
-      help="images: RandomResizedCrop(0.2-1) + flip of real samples (official pixel recipes)")
+      help="images: RandomResizedCrop(0.2-1) + flip (official pixel recipes)")
     a("--steps", type=int, help="optimizer steps in total (also when resuming)")
     a("--lr", type=float, help="peak learning rate (AdamW)")
-    a("--lr-decay", choices=["none", "cosine"], default="none",
-      help="after warmup: constant (the paper's) or cosine to 0 at --steps")
+    a("--lr-decay", choices=["none", "cosine"], default="none", help="after the warmup")
     a("--warmup", type=int, help="linear lr warmup from 1e-6, in steps")
     a("--weight-decay", type=float, help="AdamW weight decay")
     a("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
@@ -124,25 +120,22 @@ def make_parser(recipe):
     g = p.add_argument_group("--stage mae (App. A.3)").add_argument
     g("--mae-model", choices=list(MAE_models), default="mnist", help="encoder.MAE_models preset")
     g("--batch", type=int, help="mae: global batch, split over the ranks (gen: N_c * N_neg)")
-    g("--cls-start", type=int, default=-1, help="step where the cls fine-tune starts (-1 = "
-      "never; the official MAE-640 starts it 3k steps before the end)")
+    g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
     g("--cls-lambda", type=float, default=0.1, help="final lambda of lam*CE + (1-lam)*L_rec")
     g("--holdout", type=int, default=50, help="digits per class held out for the evaluation")
     g = p.add_argument_group("--stage gen (Alg. 1, App. A.6-A.9)").add_argument
-    g("--n-classes-per-step", type=int, help="N_c class groups per step over ALL ranks "
-      "(official train_batch_size); each rank computes N_c / world whole groups")
+    g("--n-classes-per-step", type=int, help="N_c groups per step, all ranks (official "
+      "train_batch_size)")
     g("--gen-per-label", type=int, help="N_neg generated samples per group (one alpha each)")
     g("--n-pos", type=int, help="N_pos positives per group")
     g("--n-unc", type=int, help="N_unc unconditional real samples per group (CFG negatives)")
     g("--cfg-power", type=float, help="p(alpha) ~ alpha^-k on [1, 4] (official neg_cfg_pw)")
     g("--no-cfg-frac", type=float, help="fraction of groups at alpha = 1 (official no_cfg_frac)")
-    g("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02],
-      help="kernel temperatures, one normalized field each (official R_list)")
-    g("--mae-ckpt", help="the frozen encoder phi: a kind-mae weights file or run folder "
-      "(train.py --stage mae, or convert.py of an official MAE)")
-    g("--convnext", help="pixel models: ConvNeXt-V2 weights (model.safetensors of facebook/"
-      "convnextv2-base-22k-224), the second encoder of the official pixel recipes")
+    g("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02], help="official R_list")
+    g("--mae-ckpt", help="the frozen encoder phi (train.py --stage mae or convert.py)")
+    g("--convnext", help="pixel models: ConvNeXt-V2 weights (facebook/convnextv2-base-22k-224, "
+      "model.safetensors), the second encoder")
     g("--convnext-model", choices=list(ConvNeXt_models), default="base", help="its preset")
     g("--sample-every", type=int, default=5000, help="EMA sample grid every N steps; 0 = end")
     g("--sample-alpha", type=float, default=1.0, help="alpha of the grid")
@@ -150,15 +143,23 @@ def make_parser(recipe):
     return p
 
 
+def given(argv, flag, default):
+    """The value of `flag` on the command line (`--flag V` or `--flag=V`), else `default`."""
+    for a, b in zip(argv, argv[1:] + [None]):
+        if a == flag and b is not None:
+            return b
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
 def parse_args(argv=None):
     """The recipe of the --stage/--model on the command line sets the parser's defaults, then
     one strict parse_args (so --help and the run agree, and a typo is an error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    given = lambda flag, default: next((v for a, v in zip(argv, argv[1:] + [None]) if a == flag),
-                                       next((a.split("=", 1)[1] for a in argv
-                                             if a.startswith(flag + "=")), default))
-    stage = given("--stage", "gen")
-    parser = make_parser(RECIPES.get("mae" if stage == "mae" else given("--model", "S4"), {}))
+    stage = given(argv, "--stage", "gen")
+    parser = make_parser(RECIPES.get("mae" if stage == "mae" else given(argv, "--model", "S4"),
+                                     {}))
     args = parser.parse_args(argv)
     if args.data not in DATA:
         parser.error(f"--stage {stage} takes --data from {DATA}, not {args.data!r}")
@@ -171,9 +172,7 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------
-# Helpers: schedules, EMA, data, the generator's step, checkpoints, MAE evaluation
-# ------------------------------------------------------------------------------------------
+# --- Helpers: schedules and the generator's step (Alg. 1) ---
 def lr_at(step, args):
     """Linear warmup from 1e-6 (the official optax schedule), then constant or cosine."""
     if step < args.warmup:
@@ -189,36 +188,12 @@ def cls_lambda(step, args):
     return args.cls_lambda * min(1.0, (step - args.cls_start) / max(1, args.cls_ramp))
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """DiT's EMA, by parameter name, buffers copied; decay = 0 copies the model."""
-    params = dict(model.named_parameters())
-    for name, p in ema.named_parameters():
-        p.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
-    buffers = dict(model.named_buffers())
-    for name, b in ema.named_buffers():
-        b.copy_(buffers[name])
-
-
-def load_data(args):
-    """--data -> (images, labels): a tensor (MNIST-5k) or an on-demand source with .get and
-    .shape (the memory-mapped latent cache; an image folder, decoded per step)."""
-    if args.data == "latents":
-        images = LatentCache(args.data_path)
-    elif args.data == "images":
-        images = ImageFolder(args.data_path, args.image_size, augment=args.augment)
-    else:
-        return mnist5k(args.data_path)
-    return images, images.labels
-
-
 def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
                    taus=(0.2, 0.05, 0.02), all_reduce=None):
-    """The loss of one step (official train_step's loss_fn), for n groups as draw_groups gives
-    them. x = f(noise | label, alpha) is embedded by phi WITH gradient, the real samples
-    without; each feature group (B, T, D) becomes n * T drift-loss rows, one per (class
-    group, token). Returns (sum over feature groups of the mean row loss, {group: loss},
-    {tau: mean over groups of mean V_tau^2}: the number to watch, App. A.6)."""
+    """The official train_step's loss_fn for n groups (as data.draw_groups gives them): x =
+    f(noise | label, alpha) embedded by phi WITH gradient, the real samples without; feature
+    group (B, T, D) -> n * T drift-loss rows, one per (class group, token). Returns (sum over
+    groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6)."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
     embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
@@ -246,28 +221,7 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
     return loss, per_group, V2
 
 
-def sum_over_ranks(t):
-    """drift_loss's all_reduce: its per-group statistics are means over ALL rows of ALL ranks."""
-    dist.all_reduce(t)
-    return t
-
-
-def rng_state(device, streams):
-    """This rank's RNG: torch (CPU and CUDA: masks, dropout) and each data stream."""
-    s = {"torch": torch.get_rng_state(), **{k: v.state_dict() for k, v in streams.items()}}
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw)
-
-
-# ------------------------------------------------------------------------------------------
-# Main: DDP init, data, models, optimizer, then the loop
-# ------------------------------------------------------------------------------------------
+# --- Main: DDP init, data, models, optimizer, then the loop ---
 def main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ                     # set by torchrun; absent under plain python
@@ -286,7 +240,14 @@ def main(argv=None):
     rank_seed = args.seed * world + rank
 
     # -- data and models --
-    images, labels = load_data(args)
+    # MNIST-5k in memory, or an on-demand source with .get and .shape (the memory-mapped latent
+    # cache; an image folder, decoded per step)
+    if args.data == "mnist5k":
+        images, labels = mnist5k(args.data_path)
+    else:
+        images = (LatentCache(args.data_path) if args.data == "latents" else
+                  ImageFolder(args.data_path, args.image_size, augment=args.augment))
+        labels = images.labels
     shape = tuple(images.shape[1:]) if isinstance(images, torch.Tensor) else images.shape
     if args.stage == "mae":
         if args.batch % world or args.holdout < 1:
@@ -319,14 +280,12 @@ def main(argv=None):
                              "of train.py --stage mae, or an official MAE through convert.py)")
         phi = mae_from_state(*read_checkpoint(args.mae_ckpt, "mae")[:2], encoder_only=True)
         phi = phi.to(device).requires_grad_(False).eval()      # frozen; x still gets grads
-        if args.model in ("B16", "L16") and not args.convnext:
-            raise ValueError(f"--model {args.model} (pixels) uses ConvNeXt-V2 features beside "
-                             f"the MAE: pass --convnext PATH (model.safetensors of "
-                             f"facebook/convnextv2-base-22k-224)")
+        if (args.model in ("B16", "L16") and not args.convnext) or (
+                args.convnext and cfg.in_channels != 3):
+            raise ValueError(f"--model {args.model} with --convnext {args.convnext}: the pixel "
+                             f"models B16, L16 (RGB) use ConvNeXt-V2 features beside the MAE, "
+                             f"pass --convnext PATH (facebook/convnextv2-base-22k-224 weights)")
         if args.convnext:                                       # pixel models: two encoders
-            if cfg.in_channels != 3:
-                raise ValueError(f"--convnext takes RGB pixels; --model {args.model} makes "
-                                 f"{cfg.in_channels}-channel samples")
             convnext, mae = convnext_from_hf(args.convnext, args.convnext_model).to(device), phi
             phi = lambda x: pixel_feature_groups(mae, convnext, x, **ACTIVATION_KWARGS)
         torch.manual_seed(args.seed)                            # the same init on every rank
@@ -337,8 +296,9 @@ def main(argv=None):
         info_data = dict(mae=args.mae_ckpt, convnext=args.convnext)
     meta = dict(kind=args.stage, config=json.dumps(asdict(cfg)), args=json.dumps(vars(args)),
                 data=json.dumps(dict(data=args.data, path=args.data_path, **info_data)))
-    print0(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"params | {len(labels)} samples of shape {shape}")
+    if master:
+        print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params | {len(labels)} samples of shape {shape}")
 
     # -- optimizer, EMA, resume, DDP --
     raw = model.to(device)
@@ -351,16 +311,17 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         start = saved_at = state["step"]
         history = state["history"]
-        if len(state["rng"]) == world:
+        if len(state["rng"]) == world:                          # this rank's streams go on
             torch.set_rng_state(state["rng"][rank]["torch"])
             if device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
             for k, v in streams.items():
                 v.load_state_dict(state["rng"][rank][k])
-        elif streams:
-            print0(f"NOTE: saved with {len(state['rng'])} ranks, resumed on {world}: fresh data "
+        elif streams and master:
+            print(f"NOTE: saved with {len(state['rng'])} ranks, resumed on {world}: fresh data "
                    f"and mask streams, not an exact continuation")
-        print0(f"resumed {args.out} at step {start}")
+        if master:
+            print(f"resumed {args.out} at step {start}")
     else:
         update_ema(ema, raw, 0.0)
     net = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
@@ -372,12 +333,6 @@ def main(argv=None):
     log = os.path.join(args.out, "log.txt")
     if master and not args.resume:
         open(log, "w").close()                                  # a fresh run, a fresh log
-
-    def write_grid(model, path, n=10):                          # one row per class, fixed seeds
-        classes = sampler.classes[:10].tolist()
-        lab = torch.tensor(classes).repeat_interleave(n)
-        x = generate(model, list(range(len(lab))), lab, args.sample_alpha, 1, device)
-        save_grid(decode(x), len(classes), path)
 
     # -- the loop --
     sums, n, t0 = {}, 0, time.time()
@@ -398,8 +353,8 @@ def main(argv=None):
                                 lam=torch.tensor(lam, device=device))
             else:                       # Alg. 1: the drift loss on every feature group
                 batch = [t.to(device) for t in draw_groups(sampler, cfg, args, step, mine)]
-                loss, _, V2 = generator_loss(net, phi, *batch, taus=args.taus,
-                                             all_reduce=sum_over_ranks if ddp else None)
+                loss, _, V2 = generator_loss(net, phi, *batch, taus=args.taus, all_reduce=(
+                    lambda t: dist.all_reduce(t) or t) if ddp else None)  # sum, in place
                 info = {f"V2_{tau}": v for tau, v in V2.items()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,7 +367,9 @@ def main(argv=None):
         n, done = n + 1, step + 1
         if (master and args.stage == "gen" and cfg.out_channels in (1, 3) and (
                 done == args.steps or args.sample_every > 0 and done % args.sample_every == 0)):
-            write_grid(ema, os.path.join(args.out, "samples.png"))
+            lab = sampler.classes[:10].repeat_interleave(10)    # a row per class, fixed seeds
+            x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
+            save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"))
         save_now = done % args.ckpt_every == 0 or done == args.steps
         if done % args.log_every and not save_now:
             continue
@@ -438,10 +395,13 @@ def main(argv=None):
             with open(log, "a") as f:
                 print(line, file=f)
         if save_now:
-            rngs = [rng_state(device, streams)]
+            rng = {k: v.state_dict() for k, v in streams.items()}   # this rank's data stream,
+            rng["torch"] = torch.get_rng_state()                     # masks and dropout
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            rngs = [rng] * world
             if ddp:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state(device, streams))
+                dist.all_gather_object(rngs, rng)
             if master:
                 save_checkpoint(raw, os.path.join(args.out, "model.safetensors"), args.stage,
                                 ema=ema, step=done, args=meta["args"], data=meta["data"],
@@ -459,11 +419,10 @@ def main(argv=None):
                      for t in args.taus}, title=f"DriftDiT {args.model} on {args.data}: mean "
                     f"V^2 per tau (over feature groups)", ylabel="mean V^2")
     if master and args.stage == "mae":   # held-out items, fixed masks, vs the mean image
-        pick = lambda idx: take(images, idx, torch.Generator())
-        x_held = pick(held_idx).to(device)
-        mean_image = pick(train_idx[::max(1, len(train_idx) // 5000)]).mean(0).to(device)
-        ema_l2, baseline = mae_eval(ema, x_held, mean_image, seed=10_001)
-        raw_l2, _ = mae_eval(raw.eval(), x_held, mean_image, seed=10_001)
+        pick = lambda idx: take(images, idx, torch.Generator()).to(device)
+        x_held, mean_image = pick(held_idx), pick(train_idx[::len(train_idx) // 5000 + 1]).mean(0)
+        ema_l2, baseline = mae_eval(ema, x_held, mean_image)
+        raw_l2, _ = mae_eval(raw.eval(), x_held, mean_image)
         summary = dict(step=args.steps, held_out=len(held_idx), ema_masked_l2=ema_l2,
                        raw_masked_l2=raw_l2, mean_image_masked_l2=baseline)
         with open(log, "a") as f:
@@ -475,13 +434,11 @@ def main(argv=None):
             f"held-out EMA {ema_l2:.3f}": (steps_logged, [ema_l2] * len(history)),
             f"mean-image baseline {baseline:.3f}": (steps_logged, [baseline] * len(history))},
             title=f"MAE {args.mae_model} on {args.data}", ylabel="masked L2")
-        if cfg.in_channels in (1, 3):   # rows: masked input, reconstruction, original
-            x, recon, mask = mae_reconstruct(ema, x_held[::args.holdout][:10],
-                                             torch.Generator(device).manual_seed(1))
-            x, recon, mask = (unpatchify(t, cfg.input_patch_size) for t in (x, recon, mask))
-            rows = torch.cat([x * (1 - mask), x * (1 - mask) + recon * mask, x])
-            save_grid(decode(rows), 3, os.path.join(args.out, "mae.png"))
-    print0(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt and pictures")
+        if cfg.in_channels in (1, 3):   # one held-out item per class: masked, recon, original
+            save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
+                      os.path.join(args.out, "mae.png"))
+    if master:
+        print(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt and pictures")
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()

@@ -259,7 +259,8 @@ def test_drift_field_keeps_self_mask_and_dtype_for_float64():
     """A float64 x passed as its own negatives keeps the self-mask (the check `y_neg is x`
     comes before any cast) and comes back float64, equal to the float32 field."""
     g = torch.Generator().manual_seed(11)
-    x64, y64 = torch.randn(20, 2, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)
+    x64 = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    y64 = torch.randn(30, 2, generator=g, dtype=torch.float64)
     V64 = drift_field(x64, y64, x64, tau=0.3)
     x32, y32 = x64.float(), y64.float()
     V32 = drift_field(x32, y32, x32, tau=0.3)
@@ -285,7 +286,8 @@ def test_pasted_drift_field_runs_the_seed_example():
     gen = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5]])
     V = pasted(gen, clean, gen, tau=0.5, kernel_norm="per_set")
     torch.testing.assert_close(V[0], torch.tensor([0.50964, -0.20843]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(pasted(gen, clean, gen, tau=0.5), drift_field(gen, clean, gen, tau=0.5))
+    torch.testing.assert_close(pasted(gen, clean, gen, tau=0.5),
+                               drift_field(gen, clean, gen, tau=0.5))
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: os.path.basename(p)[6:-12])
