@@ -8,6 +8,9 @@ Benchmarks, printed as Markdown tables with the command line and the machine in 
   python bench.py --only train    # one train.py --stage gen step of the tiny CPU presets
   python bench.py --only sample   # sample.py one-step sampling, samples/s of the tiny presets
   python bench.py --threads 1     # one torch thread (a machine shared with other jobs)
+  python bench.py --baseline old_field.py   # + another field.py's drift_loss in loss and train
+
+The loss and train tables time the reference (field.py) and the fast path (field_fast.py).
 
 The matmul floor is what the drift loss cannot avoid: the distances as one batched matmul and
 the forces as one more (the three temperatures stacked), timed in the same run on the same
@@ -18,15 +21,19 @@ across runs on a shared machine.
 import argparse
 import copy
 import datetime
+import importlib.util
 import math
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
 
 import torch
 
+import field
+import field_fast
 from field import drift_loss
 
 LOSS_SHAPES = [(64, 64, 64, 16, 256), (256, 64, 64, 16, 64), (1024, 64, 64, 16, 32),
@@ -67,11 +74,25 @@ def inputs(rows, C_g, C_p, C_n, S, seed=0):
     return gen, pos, neg, torch.rand(rows, C_n, generator=g) * 3
 
 
-def bench_loss():
-    print("\n### drift_loss value + gradient (ms, median of 11, all three run in turns)\n")
-    print("| rows, C_g, C_p, C_n, S | matmul floor | drift_loss | / floor | floor in row chunks "
-          "| / chunked floor |")
-    print("|---|---|---|---|---|---|")
+def loss_fns(baseline=None):
+    """The drift losses to compare: the reference, the fast path, and optionally the drift_loss
+    of another field.py (e.g. an older commit's: `git show REV:field.py > old_field.py`)."""
+    fns = {"reference": field.drift_loss, "fast": field_fast.drift_loss}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_field", baseline)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fns["baseline"] = module.drift_loss
+    return fns
+
+
+def bench_loss(baseline=None):
+    fns = loss_fns(baseline)
+    print(f"\n### drift_loss value + gradient (ms, median of 11, all run in turns)\n")
+    extra = " | baseline | reference / baseline | fast / baseline" if baseline else ""
+    print(f"| rows, C_g, C_p, C_n, S | matmul floor | floor in row chunks | reference | fast | "
+          f"reference / floor | fast / floor{extra} |")
+    print("|---" * (7 + 3 * bool(baseline)) + "|")
     for shape in LOSS_SHAPES:
         gen, pos, neg, w_neg = inputs(*shape)
         rows, C_g, C_p, C_n, S = shape
@@ -86,16 +107,21 @@ def bench_loss():
                 torch.bmm(A[i:i + chunk], y[i:i + chunk])
 
         def run(loss_fn):
-            x.grad = None
-            loss_fn(x).sum().backward()
+            def f():
+                x.grad = None
+                loss_fn(x, pos, neg, w_neg=w_neg)[0].sum().backward()
+            return f
 
         t = timeit_all({"floor": lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)),
-                        "chunked": floor_chunked,
-                        "ours": lambda: run(lambda x: drift_loss(x, pos, neg, w_neg=w_neg)[0])},
+                        "chunked": floor_chunked, **{k: run(f) for k, f in fns.items()}},
                        repeat=11)
-        f, c, ours = t["floor"], t["chunked"], t["ours"]
-        print(f"| {shape} | {f * 1e3:.1f} | {ours * 1e3:.1f} | {ours / f:.2f} | {c * 1e3:.1f} | "
-              f"{ours / c:.2f} |")
+        line = (f"| {shape} | {t['floor'] * 1e3:.1f} | {t['chunked'] * 1e3:.1f} | "
+                f"{t['reference'] * 1e3:.1f} | {t['fast'] * 1e3:.1f} | "
+                f"{t['reference'] / t['floor']:.2f} | {t['fast'] / t['floor']:.2f}")
+        if baseline:
+            line += (f" | {t['baseline'] * 1e3:.1f} | {t['reference'] / t['baseline']:.2f} | "
+                     f"{t['fast'] / t['baseline']:.2f}")
+        print(line + " |")
 
 
 def _rss_kb(field):
@@ -205,50 +231,59 @@ def tiny_setup(name):
     return args, cfg, model, phi, sampler
 
 
-def bench_train():
-    """One generator step as train.py's loop runs it: draw_groups, generator_loss (DriftDiT
-    forward, feature groups, drift_loss per group), backward, clip, AdamW, EMA."""
+def bench_train(baseline=None, repeat=15):
+    """One generator step as train.py's loop runs it (draw_groups, generator_loss: DriftDiT
+    forward, feature groups, drift_loss per group; backward, clip, AdamW, EMA), with each
+    drift loss, in shuffled turns: a change in the load of the machine hits all alike."""
     import train
     from data import draw_groups
     from models import update_ema
-    print("\n### One `train.py --stage gen` step, tiny CPU presets (ms, median of 3)\n")
-    print("| preset | groups x (gen, pos, unc) | feature groups | drift-loss rows | step ms | "
-          "of which drift_loss ms | generated samples/s |")
-    print("|---|---|---|---|---|---|---|")
-    drift_loss_of_train = train.drift_loss
+    fns = loss_fns(baseline)
+    print(f"\n### One `train.py --stage gen` step, tiny CPU presets (ms, median of {repeat})\n")
+    print("| preset | groups x (gen, pos, unc) | feature groups | drift-loss rows | "
+          + " | ".join(f"step, {k}" for k in fns) + " | fast / reference"
+          + (" | reference / baseline | fast / baseline" if baseline else "")
+          + " | samples/s (fast) |")
+    print("|---" * (6 + len(fns) + 2 * bool(baseline)) + "|")
     for name in TINY_MAE:
         args, cfg, model, phi, sampler = tiny_setup(name)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                 weight_decay=args.weight_decay)
-        groups, calls, field_s = range(args.n_classes_per_step), [], []
+        groups, calls = range(args.n_classes_per_step), []
 
-        def timed_drift_loss(gen, *a, **kw):                         # drift_loss's share
-            t0 = time.perf_counter()
-            out = drift_loss_of_train(gen, *a, **kw)
-            calls.append((time.perf_counter() - t0, gen.shape[0]))
-            return out
-
-        def step(s=0):                                               # the loop's body
+        def step(fn, s):                                             # the loop's body
+            def counted(gen, *a, **kw):
+                calls.append(gen.shape[0])
+                return fn(gen, *a, **kw)
             calls.clear()
+            t0 = time.perf_counter()
             batch = draw_groups(sampler, cfg, args, s, groups)
-            loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus)
+            loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus,
+                                              drift_loss=counted)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             update_ema(ema, model, args.ema)
-            field_s.append(sum(c[0] for c in calls))
+            return time.perf_counter() - t0
 
-        train.drift_loss = timed_drift_loss
-        try:
-            t = timeit(step, repeat=3, warmup=1)
-        finally:
-            train.drift_loss = drift_loss_of_train
-        n_gen = args.n_classes_per_step * args.gen_per_label
-        print(f"| {name} | {args.n_classes_per_step} x ({args.gen_per_label}, {args.n_pos}, "
-              f"{args.n_unc}) | {len(calls)} | {sum(c[1] for c in calls)} | {t * 1e3:.0f} | "
-              f"{sorted(field_s[1:])[1] * 1e3:.0f} | {n_gen / t:.0f} |")
+        for fn in fns.values():                                      # warm-up
+            step(fn, 0)
+        times, order = {k: [] for k in fns}, list(fns)
+        for s in range(repeat):
+            random.Random(s).shuffle(order)
+            for k in order:
+                times[k].append(step(fns[k], s))
+        t = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        line = (f"| {name} | {args.n_classes_per_step} x ({args.gen_per_label}, {args.n_pos}, "
+                f"{args.n_unc}) | {len(calls)} | {sum(calls)} | "
+                + " | ".join(f"{t[k] * 1e3:.0f}" for k in fns)
+                + f" | {t['fast'] / t['reference']:.3f}")
+        if baseline:
+            line += (f" | {t['reference'] / t['baseline']:.3f} | "
+                     f"{t['fast'] / t['baseline']:.3f}")
+        print(line + f" | {args.n_classes_per_step * args.gen_per_label / t['fast']:.0f} |")
 
 
 def bench_sample(batch=64):
@@ -281,6 +316,8 @@ if __name__ == "__main__":
                         help="one table only")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default, one per core)")
+    parser.add_argument("--baseline", help="another field.py whose drift_loss is timed beside "
+                        "ours (loss and train tables), e.g. git show REV:field.py > old.py")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "ROWS"),
                         help=argparse.SUPPRESS)                      # internal
     args = parser.parse_args()
@@ -294,12 +331,12 @@ if __name__ == "__main__":
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads | "
           f"torch {torch.__version__} | Python {platform.python_version()}")
     if args.only in (None, "loss"):
-        bench_loss()
+        bench_loss(args.baseline)
     if args.only in (None, "memory"):
         bench_memory()
     if args.only in (None, "models"):
         bench_models()
     if args.only in (None, "train"):
-        bench_train()
+        bench_train(args.baseline)
     if args.only in (None, "sample"):
         bench_sample()

@@ -16,8 +16,7 @@ train.py --model L2 --help` shows what L2 runs; a flag given overrides it.
     torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
 
 Checkpoint in --out (models.save_checkpoint): model.safetensors (weights, EMA under "ema/",
-metadata: kind, config, data, args, step) + train_state.pt (optimizer, step, per-rank RNG
-states, log history; loaded with weights_only=True).
+config, args) + train_state.pt (optimizer, step, RNG states; loaded with weights_only=True).
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2). Equation numbers refer to v2.
 """
 import argparse
@@ -40,7 +39,8 @@ from convnext import ConvNeXt_models, convnext_from_hf, pixel_feature_groups
 from data import ImageFolder, TensorSampler, draw_groups, mnist5k, split_per_class, subset, take
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
                      mae_eval, mae_from_state, mae_picture)
-from field import drift_loss
+import field
+import field_fast
 from models import (DriftDiT, DriftDiT_models, DriftDiTConfig, load_training_checkpoint,
                     read_checkpoint, save_checkpoint, update_ema)
 from sample import decode, generate, save_curves, save_grid
@@ -66,13 +66,13 @@ RECIPES = {
     "L16": dict(data="images", out="runs/L16", steps=100000, n_classes_per_step=128,
                 gen_per_label=64, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01, warmup=10000,
                 ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True),
-    # CPU presets. S4: MNIST-5k with the MAE above; EMA 0.99 and lr 2e-3 because a CPU run is
-    # 1k steps, not 30k: the zero-initialized output starts gray and, under Adam, moves about
-    # lr per step toward the black background. S8: a smoke run of the pixel path (64x64).
+    # CPU presets. S4: MNIST-5k; EMA 0.99 and lr 2e-3 as a CPU run is 1k steps, not 30k (the
+    # zero-initialized output starts gray and moves ~lr per step toward the black background);
+    # field_fast, as the loss is a sixth of a CPU step (README). S8: the pixel path, 64x64.
     "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=1000, n_classes_per_step=10,
                gen_per_label=16, n_pos=16, n_unc=4, lr=2e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0, mae_ckpt="runs/mae_mnist",
-               device="cpu", log_every=20, ckpt_every=100, sample_every=50),
+               device="cpu", log_every=20, ckpt_every=100, sample_every=50, fast_loss=True),
     "S2": dict(data="latents", out="runs/S2", steps=1000, n_classes_per_step=8,
                gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0),
@@ -133,6 +133,8 @@ def make_parser(recipe):
     g("--cfg-power", type=float, help="p(alpha) ~ alpha^-k on [1, 4] (official neg_cfg_pw)")
     g("--no-cfg-frac", type=float, help="fraction of groups at alpha = 1 (official no_cfg_frac)")
     g("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02], help="official R_list")
+    g("--fast-loss", action=argparse.BooleanOptionalAction, default=False,
+      help="field_fast.drift_loss (same numbers, faster on CPUs) instead of field.drift_loss")
     g("--mae-ckpt", help="the frozen encoder phi (train.py --stage mae or convert.py)")
     g("--convnext", help="pixel models: ConvNeXt-V2 weights (facebook/convnextv2-base-22k-224, "
       "model.safetensors), the second encoder")
@@ -189,11 +191,12 @@ def cls_lambda(step, args):
 
 
 def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
-                   taus=(0.2, 0.05, 0.02), all_reduce=None):
+                   taus=(0.2, 0.05, 0.02), all_reduce=None, drift_loss=field.drift_loss):
     """The official train_step's loss_fn for n groups (as data.draw_groups gives them): x =
     f(noise | label, alpha) embedded by phi WITH gradient, the real samples without; feature
     group (B, T, D) -> n * T drift-loss rows, one per (class group, token). Returns (sum over
-    groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6)."""
+    groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6).
+    drift_loss: field.drift_loss (the reference) or field_fast.drift_loss (same numbers)."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
     embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
@@ -239,9 +242,7 @@ def main(argv=None):
         print(json.dumps(vars(args)))
     rank_seed = args.seed * world + rank
 
-    # -- data and models --
-    # MNIST-5k in memory, or an on-demand source with .get and .shape (the memory-mapped latent
-    # cache; an image folder, decoded per step)
+    # -- data (MNIST-5k in memory; the latent cache memory-mapped; images decoded per step) --
     if args.data == "mnist5k":
         images, labels = mnist5k(args.data_path)
     else:
@@ -354,7 +355,8 @@ def main(argv=None):
             else:                       # Alg. 1: the drift loss on every feature group
                 batch = [t.to(device) for t in draw_groups(sampler, cfg, args, step, mine)]
                 loss, _, V2 = generator_loss(net, phi, *batch, taus=args.taus, all_reduce=(
-                    lambda t: dist.all_reduce(t) or t) if ddp else None)  # sum, in place
+                    lambda t: dist.all_reduce(t) or t) if ddp else None,  # sum, in place
+                    drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss)
                 info = {f"V2_{tau}": v for tau, v in V2.items()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -414,10 +416,9 @@ def main(argv=None):
     summary = dict(step=args.steps, **{k: v for k, v in history[-1].items() if k != "step"})
     steps_logged = [h["step"] for h in history]
     if master and args.stage == "gen":
-        save_curves(os.path.join(args.out, "loss.png"),
-                    {f"mean V^2, tau {t}": (steps_logged, [h[f"V2_{t}"] for h in history])
-                     for t in args.taus}, title=f"DriftDiT {args.model} on {args.data}: mean "
-                    f"V^2 per tau (over feature groups)", ylabel="mean V^2")
+        save_curves(os.path.join(args.out, "loss.png"), {f"tau {t}": (steps_logged, [
+            h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
+            f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
     if master and args.stage == "mae":   # held-out items, fixed masks, vs the mean image
         pick = lambda idx: take(images, idx, torch.Generator()).to(device)
         x_held, mean_image = pick(held_idx), pick(train_idx[::len(train_idx) // 5000 + 1]).mean(0)
@@ -438,7 +439,7 @@ def main(argv=None):
             save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
                       os.path.join(args.out, "mae.png"))
     if master:
-        print(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt and pictures")
+        print(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt, pictures")
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()
