@@ -62,8 +62,8 @@ def forces(d, y, w, n_neg, h, floor, out_scale):
 
 
 class FixedPointLoss(torch.autograd.Function):
-    """loss_b = mean_{i,s} (gen / s_in - goal)^2 with the goal constant; the residual, built in
-    the goal's buffer, is saved and scaled into the gradient 2 (gen / s_in - goal) / (s_in C_g S)."""
+    """loss_b = mean_{i,s} (gen / s_in - goal)^2, the goal constant. The residual is built in
+    the goal's buffer, saved, and scaled in place into the gradient 2 res / (s_in C_g S)."""
 
     @staticmethod
     def forward(ctx, gen, goal, s_in):

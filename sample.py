@@ -3,9 +3,9 @@ One-step sampling from a Drifting Model generator: x = f(eps | y, alpha), one fo
 
 Two modes (DiT's sample.py + sample_ddp.py in one file):
 - grid: a PNG, one row per class (--classes), --per-class samples each.
-- --num-samples N: an ADM-evaluator-compatible .npz (arr_0: uint8 NHWC; labels), with the paper's
-  ImageNet-val protocol (PAPER_NOTES.md 6.1): the same number of samples per class, EMA weights,
-  images clipped to [0, 1] and turned to uint8 as x255 with truncation. Sample i has label
+- --num-samples N: an ADM-evaluator-compatible .npz (arr_0: uint8 NHWC; labels), with the
+  paper's protocol (Sec. 5.2): the same number of samples per class, EMA weights, images
+  clipped to [0, 1] and turned to uint8 as x255 with truncation. Sample i has label
   i % num_classes and its own seed (seed, i) for noise and style indices, so the file is the
   same for any number of processes and any batch size.
 Latent checkpoints (32x32x4 outputs) decode through the SD-VAE of vae.py: pass --vae with the

@@ -226,7 +226,7 @@ def test_expected_group_rule_reproduces_official_manifest():
                                           ("pixel_640", (2, 3, 256, 256))])
 def test_paper_size_feature_groups(preset, shape):
     """At paper size (MAE-640 on 32x32x4 latents / 8x8-patched 256px images) the groups have the
-    official names and shapes: 12 maps x 7 + norm_x + global = 86 (PAPER_NOTES 2.2). The decoder
+    official names and shapes: 12 maps x 7 + norm_x + global = 86 (paper App. A.5). The decoder
     returns the input's shape. Built on the meta device: shapes without 10 GB of weights."""
     cfg = MAEConfig(**MAE_models[preset])
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 """Tests of models.py: DriftDiT parity with the official JAX generator, presets, init, precision.
 
-Golden files (tests/fixtures/gen_*, from /work/shared/golden, section 2 of its README) are
+Golden files (tests/fixtures/gen_*, made by the official JAX code: tests/fixtures/README.md) are
 NHWC; our API is NCHW, so inputs and outputs are transposed here.
 """
 import os
@@ -15,7 +15,8 @@ from models import (DriftDiT, DriftDiTConfig, DriftDiT_models, load_checkpoint, 
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ATOL, RTOL = 1e-5, 1e-4  # golden README: generator activations, float32 port
-OFFICIAL_PARAMS_M = {"B2": 132.7, "L2": 462.9, "B16": 133.9, "L16": 464.5}  # PAPER_NOTES §3
+# parameter counts (millions) counted from the official configs/gen/*.yaml
+OFFICIAL_PARAMS_M = {"B2": 132.7, "L2": 462.9, "B16": 133.9, "L16": 464.5}
 
 
 def nchw(t):

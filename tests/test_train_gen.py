@@ -1,7 +1,7 @@
 """Tests of train.py --stage gen: one step against the official train_step (golden), the CFG
 alpha sampling, the recipes, exact resume, and 2-process DDP == 1 process.
 
-Golden: tests/fixtures/trainstep.safetensors (../shared/golden/README.md section 4), the
+Golden: tests/fixtures/trainstep.safetensors (tests/fixtures/README.md), the
 official jitted train_step on the section-2 generator and the section-3 MAE, fed here with the
 recorded noise, style indices and alpha. The runs use a 30-digit stand-in file in the MNIST-5k
 format, the S4 generator and a random tiny MAE (seconds each)."""
@@ -129,7 +129,7 @@ def test_alpha_follows_the_power_law_and_the_no_cfg_fraction():
 
 
 def test_recipes_follow_table_8(capsys):
-    """--model picks the paper's recipe (PAPER_NOTES section 4 table), flags override it, and
+    """--model picks the paper's recipe (Tab. 8 and the official configs), flags override it, and
     a recipe whose data is not given stops with a clear message."""
     ab = train.parse_args(["--stage", "gen", "--model", "ablation", "--data", "mnist5k"])
     assert (ab.n_classes_per_step, ab.gen_per_label, ab.n_pos, ab.n_unc) == (64, 64, 64, 16)
