@@ -77,8 +77,9 @@ def generate(model, index, labels, alpha, seed, device):
     return model(noise, labels.to(device), alpha, style_idx=style)          # (B, C, H, W)
 
 
-def save_grid(images, rows, path, pad=2):
-    """uint8 (rows * cols, H, W, C) -> one PNG, a row per class (grayscale when C = 1)."""
+def save_grid(images, rows, path, pad=2, scale=1):
+    """uint8 (rows * cols, H, W, C) -> one PNG, a row per class (grayscale when C = 1), each
+    pixel drawn as scale x scale (nearest: small digits stay readable)."""
     from PIL import Image
     n, H, W, C = images.shape
     cols = n // rows
@@ -86,6 +87,7 @@ def save_grid(images, rows, path, pad=2):
     for k, im in enumerate(images.numpy()):
         y, x = pad + k // cols * (H + pad), pad + k % cols * (W + pad)
         grid[y:y + H, x:x + W] = im
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(grid[..., 0] if C == 1 else grid).save(path)
 
 
@@ -114,6 +116,7 @@ def main():
     p.add_argument("--cfg", type=float, default=1.0, help="CFG scale alpha (1.0 = no guidance)")
     p.add_argument("--classes", type=int, nargs="+", help="grid rows (default: 0..9 or DiT's 8)")
     p.add_argument("--per-class", type=int, default=8, help="grid columns")
+    p.add_argument("--scale", type=int, default=1, help="grid: each pixel drawn scale x scale")
     p.add_argument("--num-samples", type=int, default=0, help="write N samples to .npz (0 = grid)")
     p.add_argument("--batch", type=int, default=64, help="samples per forward, per process")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed (seed, i)")
@@ -162,7 +165,7 @@ def main():
 
     if not args.num_samples:
         if rank == 0:
-            save_grid(images, len(classes), out)
+            save_grid(images, len(classes), out, scale=args.scale)
     else:  # each rank's share goes through a file: no 10 GB collective for 50k ImageNet images
         np.save(f"{out}.part{rank}.npy", images.numpy())
         if ddp:

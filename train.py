@@ -371,7 +371,7 @@ def main(argv=None):
                 done == args.steps or args.sample_every > 0 and done % args.sample_every == 0)):
             lab = sampler.classes[:10].repeat_interleave(10)    # a row per class, fixed seeds
             x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
-            save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"))
+            save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"), scale=2)
         save_now = done % args.ckpt_every == 0 or done == args.steps
         if done % args.log_every and not save_now:
             continue
@@ -437,7 +437,7 @@ def main(argv=None):
             title=f"MAE {args.mae_model} on {args.data}", ylabel="masked L2")
         if cfg.in_channels in (1, 3):   # one held-out item per class: masked, recon, original
             save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
-                      os.path.join(args.out, "mae.png"))
+                      os.path.join(args.out, "mae.png"), scale=3)
     if master:
         print(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt, pictures")
     if ddp:
