@@ -222,8 +222,7 @@ def image_folder(root):
 
 
 def load_rgb(path):
-    """The image at `path` as PIL RGB, or None with a warning naming the file if it cannot be
-    read (real crawls hold truncated or corrupt files)."""
+    """PIL RGB, or None with a warning naming the file if it cannot be read (corrupt JPEGs)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")                         # convert() forces the decode
@@ -299,10 +298,8 @@ class ImageFolder:
                 break
         else:
             raise RuntimeError(f"no readable image in class folder {self.classes[c]!r}")
-        if self.augment:
-            image = random_resized_crop(image, self.size, torch.Generator().manual_seed(seed))
-        else:
-            image = center_crop_arr(image, self.size)
+        image = (random_resized_crop(image, self.size, torch.Generator().manual_seed(seed))
+                 if self.augment else center_crop_arr(image, self.size))
         x = to_tensor(image)                                    # (3, size, size)
         return x.flip(2) if flip else x
 
@@ -319,6 +316,5 @@ if __name__ == "__main__":
     images, labels = mnist5k()
     print(f"mnist5k: images {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]"
           f" | per class {torch.bincount(labels).tolist()}")
-    labels_g, pos, unc = TensorSampler(images, labels, seed=0).groups(4, 8, 2)
-    print(f"groups(4, 8, 2): labels {labels_g.tolist()} pos {tuple(pos.shape)} "
-          f"unc {tuple(unc.shape)}")
+    y, pos, unc = TensorSampler(images, labels, seed=0).groups(4, 8, 2)
+    print(f"groups(4, 8, 2): labels {y.tolist()} pos {tuple(pos.shape)} unc {tuple(unc.shape)}")
