@@ -69,15 +69,14 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     gen (B, C_g, S) generated features (with grad); pos (B, C_p, S); neg (B, C_n, S) or None:
     unconditional negatives for CFG (Sec. 3.5); w_* (B, C_*) per-target weights (default 1;
     for CFG w_neg = (alpha - 1)(C_g - 1) / C_n). taus: one normalized field per temperature,
-    summed ("R_list" officially). kernel_norm: as in drift_field ("both" is official).
-    floor: the official lower bound on softmax_row * softmax_col; 0 disables it.
+    summed ("R_list" officially). kernel_norm: as in drift_field ("both" is official). floor:
+    the official lower bound on softmax_row * softmax_col; 0 disables it.
     all_reduce: optional callable that sums a tensor over ranks and returns it. `scale` and
     the per-tau force RMS are means over ALL rows, so rows split over ranks must reduce them.
     chunk_rows: rows per chunk (default ~4 MB per (rows, T, C_g, M) tensor). memory_budget:
     bytes that distances and forces of all rows may keep between the passes; above it each
-    chunk is recomputed per pass (same loss, bounded memory, about twice the compute).
-    info: `scale`, and `loss_{tau}` = mean(V_tau^2) BEFORE normalization: it shrinks as
-    q -> p, while the loss itself stays ~constant (App. A.6)."""
+    chunk is recomputed per pass (same loss, bounded memory, about twice the compute). info:
+    `scale`, `loss_{tau}` = mean(V_tau^2) BEFORE normalization (falls as q -> p; App. A.6)."""
     # NOTE: the official code casts to float32 too; softmax over distances breaks in bf16.
     with torch.autocast(device_type=gen.device.type, enabled=False):
         # 1. Defaults & casting
@@ -120,7 +119,8 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             scale_inputs = (scale / math.sqrt(S)).clamp_min(1e-3)   # coordinates ~ 1
 
             def forces(i, r):                  # the official force loop, all taus at once
-                d = dist[i] if keep else cdist(old_gen[r], targets(r))          # (r, C_g, M)
+                y = targets(r)                                      # (r, M, S)
+                d = dist[i] if keep else cdist(old_gen[r], y)       # (r, C_g, M)
                 dist_normed = d / scale.clamp_min(1e-3)
                 dist_normed[:, :, :C_g].diagonal(dim1=1, dim2=2).add_(100.0)    # self-mask
                 logits = -dist_normed[:, None] / R                  # (r, T, C_g, M)
@@ -141,7 +141,7 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                 aff_neg, aff_pos = affinity[..., :C_g + C_n], affinity[..., C_g + C_n:]
                 R_coeff = torch.cat([-aff_neg * aff_pos.sum(-1, keepdim=True),
                                      aff_pos * aff_neg.sum(-1, keepdim=True)], dim=-1)
-                targets_scaled = targets(r) / scale_inputs          # (r, M, S)
+                targets_scaled = y / scale_inputs                   # (r, M, S)
                 V = torch.einsum("rtim,rms->rtis", R_coeff, targets_scaled)  # (r, T, C_g, S)
                 # the coefficients sum to 0 (up to rounding): the official code keeps the term
                 return V - R_coeff.sum(-1, keepdim=True) * (old_gen[r] / scale_inputs)[:, None]

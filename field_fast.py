@@ -38,8 +38,8 @@ def affinity(d, h, floor):
     col.clamp_min_(lo).exp2_()                                       # (r, T, C_g, M)
     # (square-sums, not vector_norm: torch's vector_norm is 10x slower over these dimensions)
     row = ((d - d.amin(-1, keepdim=True))[:, None] * h).clamp_min_(lo).exp2_()  # (r, T, C_g, M)
-    rZc = torch.mul(col, col, out=row.new_empty(row.shape)).sum(-2, keepdim=True).sqrt_()
-    rZr = torch.mul(row, row).sum(-1, keepdim=True).sqrt_()         # (r, T, C_g, 1) sqrt(Zr_i)
+    rZc = col.square().sum(-2, keepdim=True).sqrt_()                # (r, T, 1, M) sqrt(Zc_j)
+    rZr = row.square().sum(-1, keepdim=True).sqrt_()                # (r, T, C_g, 1) sqrt(Zr_i)
     A = row.mul_(col.mul_(rZc.reciprocal_()))                        # A sqrt(Zr_i)
     if floor > 0:
         A.clamp_min_(rZr * math.sqrt(floor))                         # A >= sqrt(floor)
