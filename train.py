@@ -9,22 +9,25 @@ Train a Drifting Model generator, or its feature encoder. One loop, plain python
 Flag defaults are the recipe of the --model (or of the MAE) on the same command line: `python
 train.py --model L2 --help` shows what L2 runs; a flag given overrides it.
 
-    python train.py --stage mae --steps 800 --batch 64 --warmup 50 --ema 0.99 \\
-        --log-every 50 --ckpt-every 200 --out runs/mae_mnist      # MNIST-5k MAE, CPU
+    python train.py --stage mae                   # MNIST-5k MAE, CPU (--mae-model mnist recipe)
     python train.py --model S4                    # the generator on its features, CPU
-    python train.py --model S4 --steps 2000 --resume               # continue that run
+    python train.py --model S4 --steps 2000 --resume     # continue that run, with its own flags
     torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
 
-Checkpoint in --out (models.save_checkpoint): model.safetensors (weights, EMA under "ema/",
-config, args) + train_state.pt (optimizer, step, RNG states; loaded with weights_only=True).
+Checkpoint: --out/model.safetensors, ONE file (models.save_checkpoint) with the weights, EMA,
+optimizer and RNG states, args, and a sha256 per tensor; replaced atomically, written only
+when the updated weights give a finite loss. --resume verifies it and takes the run's recorded
+flags. Ctrl-C / SIGTERM: the step ends, a checkpoint is written, exit 130 / 143 (twice: at once).
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2). Equation numbers refer to v2.
 """
 import argparse
 import copy
+import datetime
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -42,14 +45,18 @@ from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, featur
 import field
 import field_fast
 from models import (DriftDiT, DriftDiT_models, DriftDiTConfig, load_training_checkpoint,
-                    read_checkpoint, save_checkpoint, update_ema)
+                    read_checkpoint, read_metadata, save_checkpoint, update_ema)
 from sample import decode, generate, save_curves, save_grid
 
 # --- Config: one complete row per recipe (Tab. 8 and configs/*/*.yaml; S2/S4/S8 are ours) ---
 RECIPES = {
     # App. A.3, configs/mae/latent_ablation_256.yaml: constant lr after a linear warmup
-    "mae": dict(data="mnist5k", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
+    "mae": dict(data="latents", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
                 weight_decay=0.01, ema=0.9995),
+    # --mae-model mnist (CPU, MNIST-5k's 4,500 training digits): the paper's batch 8192 would
+    # be ~2 epochs per step and ~20 GB; 800 steps of 64 take ~5 min on 2 cores (README)
+    "mae_mnist": dict(data="mnist5k", out="runs/mae_mnist", steps=800, batch=64, lr=4e-3,
+                      warmup=50, weight_decay=0.01, ema=0.99, log_every=50, ckpt_every=200),
     # B/2 sizes with the ablation recipe of Tab. 8 (N_pos: paper B/2 128, official code 64)
     "ablation": dict(data="latents", out="runs/ablation", steps=30000, n_classes_per_step=64,
                      gen_per_label=64, n_pos=64, n_unc=16, lr=2e-4, weight_decay=0.01,
@@ -82,15 +89,31 @@ RECIPES = {
 }
 PRESET = {"ablation": "B2"}     # recipe -> DriftDiT_models preset (the others share its name)
 DATA = ["mnist5k", "latents", "images"]
+# --resume: flags that may differ from the run's recorded ones (schedule length, logging,
+# where it runs); any other change needs --change-args, as the run would stop being the same.
+FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
+        "ddp_timeout", "out", "resume", "overwrite", "change_args"}
+POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
+            "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
+NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's lines and shows every default."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors print on rank 0 only: torchrun starts one copy per GPU."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", 0)) == 0:
+            super().error(message)                      # usage + message, exit 2
+        sys.exit(2)
+
+
 def make_parser(recipe):
     """The flat parser, its defaults set from `recipe` so that --help shows what will run."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--stage", choices=["gen", "mae"], default="gen", help="what to train")
     a("--model", choices=[k for k in RECIPES if k != "mae"], default="S4",
@@ -115,10 +138,15 @@ def make_parser(recipe):
     a("--seed", type=int, default=0, help="global seed (data/mask stream of rank r: seed*world+r)")
     a("--log-every", type=int, default=100, help="steps between log lines")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
-    a("--resume", action="store_true", help="continue the checkpoint in --out")
+    a("--resume", action="store_true", help="continue the run in --out, with its recorded flags")
+    a("--change-args", action="store_true", help="--resume: allow flags that change the run "
+      "(lr, seed, sizes...); without it such a flag is refused")
+    a("--overwrite", action="store_true", help="replace the run in --out (else refused)")
+    a("--ddp-timeout", type=float, default=30.0, help="minutes a rank waits for a frozen peer")
     a("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
     g = p.add_argument_group("--stage mae (App. A.3)").add_argument
-    g("--mae-model", choices=list(MAE_models), default="mnist", help="encoder.MAE_models preset")
+    g("--mae-model", choices=list(MAE_models), default="mnist", help="encoder.MAE_models preset "
+      "and its recipe (mnist: the CPU one; the others: the paper's)")
     g("--batch", type=int, help="mae: global batch, split over the ranks (gen: N_c * N_neg)")
     g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
@@ -156,13 +184,24 @@ def given(argv, flag, default):
 
 
 def parse_args(argv=None):
-    """The recipe of the --stage/--model on the command line sets the parser's defaults, then
-    one strict parse_args (so --help and the run agree, and a typo is an error)."""
+    """The recipe of the --stage/--model (--mae-model) on the command line sets the parser's
+    defaults, then one strict parse_args (so --help and the run agree, and a typo is an
+    error). --resume: the run's recorded flags, then those typed here (resumed_args). Every
+    value is checked here, before any work."""
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = given(argv, "--stage", "gen")
-    parser = make_parser(RECIPES.get("mae" if stage == "mae" else given(argv, "--model", "S4"),
-                                     {}))
+    parser = make_parser(RECIPES.get(("mae" if given(argv, "--mae-model", "mnist") != "mnist"
+                                      else "mae_mnist") if stage == "mae" else
+                                     given(argv, "--model", "S4"), {}))
     args = parser.parse_args(argv)
+    if args.resume:
+        args = resumed_args(parser, argv, args)
+    for k in POSITIVE + NON_NEGATIVE:
+        v = getattr(args, k)
+        if v is not None and not (v > 0 if k in POSITIVE else v >= 0):
+            parser.error(f"--{k.replace('_', '-')} {v}: must be {'>' if k in POSITIVE else '>='} 0")
+    if not 0 <= args.ema < 1 or min(args.taus) <= 0:
+        parser.error(f"--ema {args.ema} must be in [0, 1) and --taus {args.taus} > 0")
     if args.data not in DATA:
         parser.error(f"--stage {stage} takes --data from {DATA}, not {args.data!r}")
     if args.data in ("latents", "images") and not args.data_path:
@@ -171,6 +210,36 @@ def parse_args(argv=None):
             else "an ImageNet-layout folder, e.g. .../train"))
     if args.stage == "gen":
         args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
+    return args
+
+
+def resumed_args(parser, argv, args):
+    """--resume: the flags recorded in the run's checkpoint, overridden by the flags typed on
+    this command line. A typed flag that differs is named; outside FREE it needs --change-args."""
+    try:
+        path, meta = read_metadata(args.out)
+    except FileNotFoundError:
+        parser.error(f"--resume: no checkpoint in {args.out} (model.safetensors); start the run "
+                     f"without --resume")
+    except ValueError as e:
+        parser.error(f"--resume: {e}")
+    was, unset = meta.get("args", {}), object()     # typed: what this command line sets itself
+    typed = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset))))
+    typed = {k: v for k, v in typed.items() if v is not unset}
+    changed = {k: v for k, v in typed.items() if k in was and was[k] != v}
+    said = lambda keys: ", ".join(f"--{k.replace('_', '-')} {was[k]} -> {changed[k]}"
+                                  for k in keys)
+    defining = [k for k in changed if k not in FREE]
+    if defining and not args.change_args:
+        parser.error(f"--resume: this command changes the run in {args.out}: "
+                     f"{said(defining)}. Drop those flags to continue it as it was, or pass "
+                     f"--change-args")
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"NOTE: resuming {args.out} with {said(changed)}")
+    args = argparse.Namespace(**{**vars(args), **was, **typed, "out": args.out, "resume": True})
+    if args.steps <= int(meta.get("step", 0)):
+        parser.error(f"--steps {args.steps}: {path} is already at step {meta.get('step')}; pass "
+                     f"a larger --steps to continue it")
     return args
 
 
@@ -227,18 +296,25 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
 # --- Main: DDP init, data, models, optimizer, then the loop ---
 def main(argv=None):
     args = parse_args(argv)
+    if not args.resume and not args.overwrite and any(os.path.exists(os.path.join(
+            args.out, f)) for f in ("model.safetensors", "log.txt")):
+        raise ValueError(f"--out {args.out} holds another run; pass --resume to continue it, "
+                         f"--overwrite to replace it, or a new --out")
     ddp = "RANK" in os.environ                     # set by torchrun; absent under plain python
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master = rank == 0                             # only this rank prints, logs and saves
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA "
+                         f"device; pass --device cpu (or install a CUDA build of torch)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if ddp:   # the timeout: a frozen peer ends the job instead of hanging the others forever
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=args.ddp_timeout))
     if master:
-        os.makedirs(args.out, exist_ok=True)
         print(json.dumps(vars(args)))
     rank_seed = args.seed * world + rank
 
@@ -257,10 +333,15 @@ def main(argv=None):
         train_idx, held_idx = split_per_class(labels, args.holdout)
         held_idx = held_idx[::max(1, len(held_idx) // 1000)]  # evaluate at most ~1000 items
         cfg = MAEConfig(**MAE_models[args.mae_model])
-        if shape[0] != cfg.in_channels:
-            raise ValueError(f"--data {args.data} holds {shape} samples; --mae-model "
-                             f"{args.mae_model} takes {cfg.in_channels} channels (latents: "
-                             f"latent_256 / latent_640; MNIST: mnist)")
+        if shape[0] != cfg.in_channels or labels.max() >= cfg.num_classes:
+            raise ValueError(f"--data {args.data} holds {shape} samples of {labels.max() + 1} "
+                             f"classes; --mae-model {args.mae_model} takes {cfg.in_channels} "
+                             f"channels and {cfg.num_classes} classes (latents: latent_256 / "
+                             f"latent_640; MNIST: mnist)")
+        if args.batch // world > len(train_idx):
+            raise ValueError(f"--batch {args.batch} ({args.batch // world} per rank) is more than "
+                             f"the {len(train_idx)} training samples of --data {args.data}: pass "
+                             f"a smaller --batch (MNIST: the mnist recipe's 64)")
         torch.manual_seed(args.seed)                            # the same init on every rank
         model = MAEResNet(cfg)
         sampler = TensorSampler(subset(images, train_idx), labels[train_idx], rank_seed)
@@ -276,9 +357,11 @@ def main(argv=None):
             raise ValueError(f"--data {args.data} holds {shape} samples of {labels.max() + 1} "
                              f"classes; --model {args.model} makes {want} of {cfg.num_classes} "
                              f"classes (MNIST: --model S4)")
-        if not args.mae_ckpt:
-            raise ValueError("--mae-ckpt: the generator needs a trained feature encoder (a run "
-                             "of train.py --stage mae, or an official MAE through convert.py)")
+        if not args.mae_ckpt or not os.path.exists(args.mae_ckpt):
+            raise ValueError(f"--mae-ckpt {args.mae_ckpt}: no such file or run folder. The "
+                             f"generator needs a trained feature encoder: train it first with "
+                             f"`python train.py --stage mae --out {args.mae_ckpt or 'runs/mae'}` "
+                             f"(MNIST, CPU: ~5 min), or convert an official MAE with convert.py")
         phi = mae_from_state(*read_checkpoint(args.mae_ckpt, "mae")[:2], encoder_only=True)
         phi = phi.to(device).requires_grad_(False).eval()      # frozen; x still gets grads
         if (args.model in ("B16", "L16") and not args.convnext) or (
@@ -308,7 +391,7 @@ def main(argv=None):
                             weight_decay=args.weight_decay)
     start, history, saved_at = 0, [], None
     if args.resume:
-        state = load_training_checkpoint(args.out, raw, ema, meta)
+        state = load_training_checkpoint(args.out, raw, ema, meta, strict=not args.change_args)
         opt.load_state_dict(state["optimizer"])
         start = saved_at = state["step"]
         history = state["history"]
@@ -331,9 +414,39 @@ def main(argv=None):
     raw.train()                     # important: the MAE masks and the generator's dropout
     amp = torch.autocast(device.type, torch.bfloat16,
                          enabled=device.type == "cuda" and args.precision == "bf16")
-    log = os.path.join(args.out, "log.txt")
-    if master and not args.resume:
-        open(log, "w").close()                                  # a fresh run, a fresh log
+    log, ckpt = os.path.join(args.out, "log.txt"), os.path.join(args.out, "model.safetensors")
+    if master:                      # the folder is made now that every input has been checked
+        os.makedirs(args.out, exist_ok=True)
+        if args.overwrite and not args.resume and os.path.exists(ckpt):
+            os.remove(ckpt)                                     # --overwrite: the old run goes
+        if os.path.exists(ckpt + ".tmp"):
+            os.remove(ckpt + ".tmp")                            # a save killed half-way
+        if not args.resume:
+            open(log, "w").close()                              # a fresh run, a fresh log
+
+    def losses(model, batch, step):
+        """The stage's loss on one step's batch -> (loss, {name: logged value})."""
+        with amp:
+            if args.stage == "mae":     # App. A.3: masked L2 (+ lambda CE in the fine-tune)
+                lam = cls_lambda(step, args)
+                loss, out = model(*batch, lam)                  # forward = mae_loss
+                info = {"recon": out["recon_loss"]}
+                if args.cls_start >= 0:
+                    info.update(cls=out["cls_loss"], acc=out["accuracy"],
+                                lam=torch.tensor(lam, device=device))
+                return loss, info
+            # Alg. 1: the drift loss on every feature group
+            loss, _, V2 = generator_loss(model, phi, *batch, taus=args.taus, all_reduce=(
+                lambda t: dist.all_reduce(t) or t) if ddp else None,    # sum, in place
+                drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss)
+            return loss, {f"V2_{tau}": v for tau, v in V2.items()}
+
+    def stopped(what):              # the error of a run that went non-finite
+        return FloatingPointError(f"{what}; stopped. " + (
+            f"The last good checkpoint, {ckpt} (step {saved_at}), is untouched: resume it with "
+            f"a lower lr or clip, e.g. python train.py --resume --out {args.out} --lr "
+            f"{args.lr / 10:g} --change-args" if saved_at else
+            "No checkpoint was written: start again with a lower --lr or --clip"))
 
     # -- the loop --
     sums, n, t0 = {}, 0, time.time()
@@ -343,21 +456,9 @@ def main(argv=None):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        with amp:
-            if args.stage == "mae":     # App. A.3: masked L2 (+ lambda CE in the fine-tune)
-                x, y = sampler.batch(args.batch // world)
-                lam = cls_lambda(step, args)
-                loss, out = net(x.to(device), y.to(device), lam)   # forward = mae_loss
-                info = {"recon": out["recon_loss"]}
-                if args.cls_start >= 0:
-                    info.update(cls=out["cls_loss"], acc=out["accuracy"],
-                                lam=torch.tensor(lam, device=device))
-            else:                       # Alg. 1: the drift loss on every feature group
-                batch = [t.to(device) for t in draw_groups(sampler, cfg, args, step, mine)]
-                loss, _, V2 = generator_loss(net, phi, *batch, taus=args.taus, all_reduce=(
-                    lambda t: dist.all_reduce(t) or t) if ddp else None,  # sum, in place
-                    drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss)
-                info = {f"V2_{tau}": v for tau, v in V2.items()}
+        batch = [t.to(device) for t in (sampler.batch(args.batch // world) if args.stage == "mae"
+                                        else draw_groups(sampler, cfg, args, step, mine))]
+        loss, info = losses(net, batch, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(),
@@ -372,7 +473,12 @@ def main(argv=None):
             lab = sampler.classes[:10].repeat_interleave(10)    # a row per class, fixed seeds
             x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
             save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"), scale=2)
-        save_now = done % args.ckpt_every == 0 or done == args.steps
+        stopping = bool(STOP)       # SIGINT / SIGTERM seen (cli's handler): save, then exit
+        if ddp:                     # all ranks stop after the same step (a 1-number all_reduce)
+            flag = torch.tensor([float(stopping)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = flag.item() > 0
+        save_now = stopping or done % args.ckpt_every == 0 or done == args.steps
         if done % args.log_every and not save_now:
             continue
         avg = torch.stack(list(sums.values())) / n                  # one all_reduce per line
@@ -382,10 +488,7 @@ def main(argv=None):
         if not all(map(math.isfinite, avg.values())):
             # NOTE: checked at log/checkpoint steps only (a per-step check would sync every
             # step); no checkpoint is written after the bad step, so the last one stays good.
-            raise FloatingPointError(
-                f"non-finite loss or gradient in steps {done - n + 1}..{done} ({avg}); stopped. "
-                f"The last good checkpoint in {args.out} (step {saved_at}) is untouched: "
-                f"resume it with a lower --lr or --clip.")
+            raise stopped(f"non-finite loss or gradient in steps {done - n + 1}..{done} ({avg})")
         mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
         extra = " | ".join(f"{k} {v:.4g}" for k, v in avg.items() if k not in ("loss", "gnorm"))
@@ -397,6 +500,21 @@ def main(argv=None):
             with open(log, "a") as f:
                 print(line, file=f)
         if save_now:
+            # The update must have left usable weights: every weight and EMA tensor finite, and
+            # the updated weights' loss on this step's batch finite (weights of 1e30 are finite,
+            # their next loss is not). fork_rng: the check takes no random numbers from the
+            # run's streams, so a resumed run stays exact.
+            with torch.no_grad(), torch.random.fork_rng([device] if device.type == "cuda" else []):
+                after = losses(raw, batch, step)[0].detach().float().reshape(1)
+            if ddp:
+                dist.all_reduce(after, op=dist.ReduceOp.AVG)
+            weights = [*raw.state_dict().items(), *(("ema/" + k, t) for k, t in
+                                                    ema.state_dict().items())]
+            bad = [k for k, t in weights if t.is_floating_point() and not t.isfinite().all()]
+            if bad or not math.isfinite(after.item()):
+                raise stopped(f"after the update of step {done}, " + (
+                    f"tensor {bad[0]!r} holds NaN or inf" if bad else
+                    f"the weights give a loss of {after.item()} on the same batch"))
             rng = {k: v.state_dict() for k, v in streams.items()}   # this rank's data stream,
             rng["torch"] = torch.get_rng_state()                     # masks and dropout
             if device.type == "cuda":
@@ -405,11 +523,17 @@ def main(argv=None):
             if ddp:
                 dist.all_gather_object(rngs, rng)
             if master:
-                save_checkpoint(raw, os.path.join(args.out, "model.safetensors"), args.stage,
-                                ema=ema, step=done, args=meta["args"], data=meta["data"],
-                                train_state=dict(optimizer=opt.state_dict(), step=done,
-                                                 rng=rngs, history=history, **meta))
+                save_checkpoint(raw, ckpt, args.stage, ema=ema, step=done, args=meta["args"],
+                                data=meta["data"], train_state=dict(
+                                    optimizer=opt.state_dict(), step=done, rng=rngs,
+                                    history=history))
             saved_at = done
+        if stopping:
+            sig = signal.Signals(STOP[0] if STOP else signal.SIGTERM)
+            if master:
+                print(f"{sig.name}: stopped after step {done}; checkpoint {ckpt}. Continue with: "
+                      f"python train.py --resume --out {args.out}", file=sys.stderr)
+            raise SystemExit(128 + sig)
         sums, n, t0 = {}, 0, time.time()
 
     # -- the end: curves, pictures, evaluation (rank 0) --
@@ -439,12 +563,39 @@ def main(argv=None):
             save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
                       os.path.join(args.out, "mae.png"), scale=3)
     if master:
-        print(f"wrote {args.out}: model.safetensors, train_state.pt, log.txt, pictures")
+        print(f"wrote {ckpt} (step {args.steps}), log.txt and pictures")
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()
     return summary
 
 
+STOP = []   # the signals cli's handler has seen; the loop saves and exits at the step's end
+
+
+def cli(argv=None):
+    """The command line: SIGINT / SIGTERM end the run at the next step boundary with a
+    checkpoint (the same signal again: at once, the last complete checkpoint stands), and a
+    refused input or a failed run ends in one message (from rank 0 under torchrun), exit 1."""
+    def on_signal(sig, frame):
+        if STOP:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        STOP.append(sig)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(sig).name}: finishing this step, then a checkpoint (send "
+                  f"it again to stop at once)", file=sys.stderr, flush=True)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    try:
+        main(argv)
+    except (ValueError, OSError, FloatingPointError, dist.DistError) as e:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, (OSError, dist.DistError)):
+            print(f"train.py: error: {e}" + (f" (no answer from a peer within --ddp-timeout; "
+                  f"the last checkpoint stands, continue with --resume)" if isinstance(
+                      e, dist.DistError) else ""), file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -227,7 +227,7 @@ def test_pixel_smoke_run_with_both_encoders(tmp_path):
     the MAE alone has a smaller loss at step 1 (same draws, 13 fewer positive group losses)."""
     from PIL import Image
     import train
-    from models import load_checkpoint, save_checkpoint
+    from models import load_checkpoint, read_train_state, save_checkpoint
     rng = np.random.default_rng(0)
     for c in ("n01", "n02"):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -246,7 +246,7 @@ def test_pixel_smoke_run_with_both_encoders(tmp_path):
                                 str(tmp_path / "convnext.safetensors"), "--convnext-model",
                                 "tiny"])
     mae_only = train.main(common + ["--out", str(tmp_path / "mae_only")])
-    hist = [torch.load(tmp_path / d / "train_state.pt", weights_only=True)["history"]
+    hist = [read_train_state(str(tmp_path / d))["history"]
             for d in ("both", "mae_only")]
     assert all(np.isfinite(h["loss"]) for h in hist[0] + hist[1])
     assert hist[0][0]["loss"] > hist[1][0]["loss"]

@@ -47,7 +47,8 @@ def test_no_import_cycle_and_the_design_flow():
 
 def test_help_of_the_users_command_shows_its_recipe(capsys):
     """`python train.py --model L2 --help` prints L2's recipe (lr 4e-4, N_pos 64, EMA 0.999),
-    not another stage's defaults; `--stage mae --help` prints the MAE recipe."""
+    not another stage's defaults; `--stage mae --help` prints the MAE recipe of its
+    --mae-model (the paper's for the paper's MAEs, the CPU one for mnist)."""
     import train
 
     def help_default(argv, flag):
@@ -61,5 +62,6 @@ def test_help_of_the_users_command_shows_its_recipe(capsys):
     assert help_default(["--model", "L2"], "--n-pos") == "64"
     assert help_default(["--model", "L2"], "--ema") == "0.999"
     assert help_default(["--model=S4"], "--lr") == "0.002"
-    assert help_default(["--stage", "mae"], "--lr") == "0.004"
-    assert help_default(["--stage", "mae"], "--ema") == "0.9995"
+    assert help_default(["--stage", "mae", "--mae-model", "latent_640"], "--lr") == "0.004"
+    assert help_default(["--stage", "mae", "--mae-model", "latent_640"], "--ema") == "0.9995"
+    assert help_default(["--stage", "mae"], "--batch") == "64"

@@ -22,6 +22,7 @@ import toy as toy_module
 import train
 from data import MNIST5K_INSTALL, TensorSampler, mnist5k, split_per_class
 from encoder import MAE_models, MAEConfig, MAEResNet
+from models import read_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,8 +54,7 @@ def tensors(run_dir):
 
 
 def train_state(run_dir):
-    path = os.path.join(run_dir, "train_state.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_train_state(str(run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,16 @@ def test_sampler_is_seeded_resumable_and_grouped():
 # ------------------------------------------------------------------------------------------
 def test_schedules_follow_the_recipe():
     """MAE: lr rises linearly from 1e-6 over the warmup, then stays constant (App. A.3);
-    the cls weight is 0 before --cls-start, then ramps linearly to 0.1 and stays there."""
-    args = train.parse_args(["--stage", "mae", "--warmup", "10", "--cls-start", "100",
-                             "--cls-ramp", "20"])
-    assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema) == \
-        (4e-3, [0.9, 0.95], 0.01, 2.0, 0.9995)
+    the cls weight is 0 before --cls-start, then ramps linearly to 0.1 and stays there. The
+    paper's recipe goes with the paper's MAEs; --mae-model mnist (the default) has a CPU one
+    whose batch fits MNIST-5k's 4,500 training digits."""
+    args = train.parse_args(["--stage", "mae", "--mae-model", "latent_256", "--data-path", "C",
+                             "--warmup", "10", "--cls-start", "100", "--cls-ramp", "20"])
+    assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema, args.data) == \
+        (4e-3, [0.9, 0.95], 0.01, 2.0, 0.9995, "latents")
+    mnist = train.parse_args(["--stage", "mae"])
+    assert (mnist.data, mnist.batch, mnist.steps, mnist.out) == ("mnist5k", 64, 800,
+                                                                 "runs/mae_mnist")
     assert train.lr_at(0, args) == 1e-6 and abs(train.lr_at(5, args) - (1e-6 + 4e-3) / 2) < 1e-12
     assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
     lam = [train.cls_lambda(s, args) for s in (99, 100, 110, 120, 5000)]
@@ -152,9 +157,10 @@ def test_unknown_data_source_is_refused(capsys):
 # Checkpoints, resume, NaN guard
 # ------------------------------------------------------------------------------------------
 def test_checkpoint_contents(run6):
-    """model.safetensors holds the weights, their EMA under ema/ (different after steps), and the
-    model config + kind + args as metadata, enough to rebuild the model; train_state.pt loads with
-    weights_only=True and holds the optimizer, the step and the per-rank RNG states."""
+    """model.safetensors holds the weights, their EMA under ema/ (different after steps), the
+    train state under train/ (optimizer, step, per-rank RNG states: one file, so one unit), and
+    the model config + kind + args + a sha256 per tensor as metadata, enough to rebuild the
+    model; no pickle anywhere (no .pt file)."""
     out, summary = run6
     path = os.path.join(out, "model.safetensors")
     with safe_open(path, "pt") as f:
@@ -165,15 +171,17 @@ def test_checkpoint_contents(run6):
     assert asdict(cfg) == json.loads(json.dumps(asdict(MAEConfig(**MAE_models["mnist"]))))
     t = tensors(out)
     model = MAEResNet(cfg)
-    model.load_state_dict({k: v for k, v in t.items() if not k.startswith("ema/")})
+    model.load_state_dict({k: v for k, v in t.items() if not k.startswith(("ema/", "train/"))})
     model.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
     w = "encoder.conv1.weight"
     assert not torch.equal(t[w], t["ema/" + w])
     state = train_state(out)
     assert state["step"] == 6 and len(state["rng"]) == 1 and len(state["history"]) == 6
-    assert state["optimizer"]["state"] and state["kind"] == "mae"
+    assert state["optimizer"]["state"] and state["optimizer"]["param_groups"][0]["betas"] == [
+        0.9, 0.95] and set(json.loads(meta["sha256"])) == set(t)
     for name in ("mae.png", "mae_loss.png", "log.txt"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    assert not any(f.endswith((".pt", ".pth", ".pkl")) for f in os.listdir(out))
     assert summary["mean_image_masked_l2"] > 0 and not os.path.exists(path + ".tmp")
 
 
@@ -217,21 +225,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(standin, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in tensors(bad).values())
 
 
-def test_resume_refuses_another_checkpoint(run6, standin, tmp_path, monkeypatch):
-    """--resume stops with a clear error on a checkpoint of another model config, another data
-    split, or another kind (stage), instead of loading mismatched weights."""
+def test_resume_refuses_another_checkpoint(run6, standin, tmp_path, monkeypatch, capsys):
+    """--resume stops with a clear error on a flag that changes the run (named, with its
+    recorded value), and, with --change-args, on a checkpoint of another model config or
+    another kind (stage), instead of loading mismatched weights. Nothing is written."""
     run = tmp_path / "run"
     shutil.copytree(run6[0], run)
+    before = tensors(run)
+    for flags, said in ((["--mae-model", "tiny"], "--mae-model mnist -> tiny"),
+                        (["--holdout", "2"], "--holdout 1 -> 2")):
+        with pytest.raises(SystemExit):
+            train.main(mae_args(standin, run, "--steps", 8, "--resume", *flags))
+        assert said in capsys.readouterr().err
     with pytest.raises(ValueError, match="takes 4 channels"):   # checked before any resume
-        train.main(mae_args(standin, run, "--steps", 8, "--resume", "--mae-model", "tiny"))
+        train.main(mae_args(standin, run, "--steps", 8, "--resume", "--mae-model", "tiny",
+                            "--change-args"))
     wider = dict(train.MAE_models["mnist"], base_channels=64)
     with monkeypatch.context() as m, pytest.raises(ValueError, match="config"):
         m.setitem(train.MAE_models, "mnist", wider)
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
-    with pytest.raises(ValueError, match="data"):
-        train.main(mae_args(standin, run, "--steps", 8, "--resume", "--holdout", "2"))
+    after = tensors(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"),
-              {"kind": "mlp", "config": "{}"})
+              {"kind": "mlp", "config": "{}", "args": "{}"})
     with pytest.raises(ValueError, match="kind"):
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
 
