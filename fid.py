@@ -23,6 +23,7 @@ import argparse
 import glob
 import importlib.util
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -195,7 +196,14 @@ def load_inception(path, device="cpu"):
     file without the 1008-way head (our conversion) gives `net.fc = None`: FID works, IS not."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"no Inception weights at {path!r}; use {WEIGHTS_HELP}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # not a torch file, truncated, not a dict, objects beyond tensors
+        raise ValueError(f"{path}: not a readable weights file ({e}); use {WEIGHTS_HELP}") from e
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]!r} holds NaN or inf; use {WEIGHTS_HELP}")
     net = InceptionV3()
     skip = lambda k: k.endswith("num_batches_tracked")  # noqa: E731 (absent in older saves)
     sd = {k: v for k, v in sd.items() if not skip(k)}
@@ -302,8 +310,33 @@ def inception_score(logits, splits=IS_SPLITS):
 # ------------------------------------------------------------------------------------------
 # Inputs: an image folder, a .npz (uint8 NHWC arr_0, ADM format) or the built-in MNIST-5k
 # ------------------------------------------------------------------------------------------
+def read_npz(path, *keysets):
+    """The arrays of the first key set in `keysets` that the .npz holds; errors name the file."""
+    try:
+        with np.load(path) as f:
+            found = list(f.keys())
+            for keys in keysets:
+                if all(k in found for k in keys):
+                    return [f[k] for k in keys]
+    except Exception as e:  # missing, not a zip, a bare .npy (no keys), pickles, truncated
+        raise ValueError(f"{path}: not a readable .npz ({e})") from e
+    raise ValueError(f"{path}: no {' or '.join('/'.join(k) for k in keysets)} arrays "
+                     f"(found {found})")
+
+
+def read_image(file, decode=True):
+    """An image file's RGB pixels (H, W, 3), or with decode=False only its header's (W, H)."""
+    from PIL import Image
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert("RGB")) if decode else im.size
+    except OSError as e:  # unidentified format; a truncated body fails only at the decode
+        raise ValueError(f"{file}: not a readable image ({e}); re-export or remove it") from e
+
+
 def open_images(path=None, data=None):
-    """-> (get(indices) -> uint8 (b, H, W, C) array, n). C = 1 (grayscale) or 3."""
+    """-> (get(indices) -> uint8 (b, H, W, C) array, n). C = 1 (grayscale) or 3. Checked here,
+    before the long Inception pass: every file readable, one image size, at least 2 images."""
     if data:  # mnist5k-a / -b: the first / last 250 of each class (data.split_per_class)
         from data import mnist5k, split_per_class
         x, y = mnist5k()
@@ -311,34 +344,42 @@ def open_images(path=None, data=None):
         keep = {"mnist5k-a": a, "mnist5k-b": b}.get(data, slice(None))
         arr = ((x[keep] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     elif os.path.isdir(path):
-        from PIL import Image
         files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                        if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
         if not files:
             raise FileNotFoundError(f"{path}: no image files")
-        return lambda ix: np.stack([np.asarray(Image.open(files[i]).convert("RGB"))
-                                    for i in ix]), len(files)
+        W, H = read_image(files[0], decode=False)
+        for f in files:  # headers only, no decode: seconds for 50k files
+            if (size := read_image(f, decode=False)) != (W, H):
+                raise ValueError(f"{f}: {size[0]}x{size[1]} pixels, but {files[0]} is {W}x{H}: "
+                                 f"FID needs one size; resize the images or remove the odd one")
+        get, n, arr = (lambda ix: np.stack([read_image(files[i]) for i in ix])), len(files), None
     elif os.path.isfile(path):
-        with np.load(path) as f:  # NOTE: loads arr_0 whole (9.8 GB for 50k at 256^2)
-            if "arr_0" not in f:
-                raise ValueError(f"{path}: no arr_0 (found {list(f.keys())})")
-            arr = f["arr_0"]
+        arr, = read_npz(path, ("arr_0",))  # NOTE: loads arr_0 whole (9.8 GB for 50k at 256^2)
     else:
         raise FileNotFoundError(f"{path}: no such folder or .npz")
-    arr = arr[..., None] if arr.ndim == 3 else arr
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"expected uint8 (N, H, W, 1 or 3) images, got {arr.dtype} {arr.shape}")
-    return (lambda ix: arr[ix]), len(arr)
+    if arr is not None:
+        arr = arr[..., None] if arr.ndim == 3 else arr
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"{path or data}: arr_0 is {arr.dtype} {arr.shape}, expected uint8 "
+                             f"(N, H, W, 1 or 3) images (ADM format, as sample.py --num-samples)")
+        get, n = (lambda ix: arr[ix]), len(arr)
+    if n < 2:  # the covariance divides by n - 1: NaN statistics otherwise
+        raise ValueError(f"{path or data}: {n} image(s); FID statistics need at least 2 (and "
+                         f"thousands to be comparable: FID is biased at small n)")
+    return get, n
 
 
 def load_stats(path):
     """(mu, sigma) from our ref .npz or the usual reference files (ADM, pytorch-fid: mu, sigma;
-    the official release: ref_mu, ref_sigma)."""
-    with np.load(path) as f:
-        for m, s in (("mu", "sigma"), ("ref_mu", "ref_sigma")):
-            if m in f and s in f:
-                return f[m], f[s]
-        raise ValueError(f"{path}: no mu/sigma arrays (found {list(f.keys())})")
+    the official release: ref_mu, ref_sigma), checked: the pool features' shapes, finite."""
+    mu, sigma = read_npz(path, ("mu", "sigma"), ("ref_mu", "ref_sigma"))
+    if mu.shape != (DIM,) or sigma.shape != (DIM, DIM):
+        raise ValueError(f"{path}: stats of dimension {mu.shape}/{sigma.shape}, not the "
+                         f"Inception pool features' ({DIM},); recompute with `fid.py ref`")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu or sigma holds NaN or inf; recompute with `fid.py ref`")
+    return mu, sigma
 
 
 def main():
@@ -363,6 +404,12 @@ def main():
     calc.add_argument("--is", dest="inception_score", action="store_true",
                       help="also the Inception Score (needs weights with the 1008-way head)")
     args = p.parse_args()
+    if args.cmd != "convert-weights" and args.batch <= 0:
+        p.error(f"--batch {args.batch}: must be > 0")
+    if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
+        p.error(f"--out {args.out}: the stats file is an .npz; name it e.g. ref_stats.npz")
+    if args.cmd == "ref" and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: no folder {os.path.dirname(args.out)!r}; create it first")
     torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
     if args.cmd == "convert-weights":
         convert_torchscript(args.torchscript or fid_helper_torchscript(), args.out)
@@ -373,19 +420,28 @@ def main():
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = not ddp or dist.get_rank() == 0
-    net = load_inception(args.weights, device)
     want_is = args.cmd == "calc" and args.inception_score
-    if args.cmd == "calc":  # checked before the long pass: fail early
-        mu_r, sigma_r = load_stats(args.ref)
-        if mu_r.shape != (DIM,) or sigma_r.shape != (DIM, DIM):
-            raise ValueError(f"{args.ref}: stats of dimension {mu_r.shape}/{sigma_r.shape}, "
-                             f"not the Inception pool features' ({DIM},)")
-        if want_is and net.fc is None:
-            raise ValueError(f"{args.weights} has no 1008-way head: IS needs {WEIGHTS_HELP}")
-    mu, sigma, logits = inception_stats(net, *open_images(args.images, args.data), args.batch,
-                                        device, want_is)
+    # Every input is checked before the long pass: fail in seconds, not after it
+    mu_r, sigma_r = load_stats(args.ref) if args.cmd == "calc" else (None, None)
+    get, n = open_images(args.images, args.data)
+    if want_is and n < IS_SPLITS:
+        raise ValueError(f"{args.images or args.data}: {n} images; --is needs at least "
+                         f"{IS_SPLITS} (one per split)")
+    net = load_inception(args.weights, device)
+    if want_is and net.fc is None:
+        raise ValueError(f"{args.weights} has no 1008-way head: IS needs {WEIGHTS_HELP}")
+    mu, sigma, logits = inception_stats(net, get, n, args.batch, device, want_is)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"the Inception features of {args.images or args.data} are NaN or inf "
+                         f"(nothing written); check {args.weights}: {WEIGHTS_HELP}")
     if master and args.cmd == "ref":
-        np.savez(args.out, mu=mu, sigma=sigma)
+        tmp = f"{args.out[:-len('.npz')]}.tmp.npz"  # renamed over --out: no partial file
+        try:
+            np.savez(tmp, mu=mu, sigma=sigma)
+            os.replace(tmp, args.out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"wrote {args.out}")
     elif master:
         print(f"FID {fid_from_stats(mu, sigma, mu_r, sigma_r):.4f}")
@@ -395,5 +451,19 @@ def main():
         dist.destroy_process_group()
 
 
+def cli():
+    """main() with errors as one line (no traceback), printed once under torchrun: every rank
+    meets the same bad input, so only rank 0 reports it and the others exit 1 silently."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        main()
+    except KeyboardInterrupt:
+        if not quiet:
+            print("fid.py: interrupted (nothing written)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.exit(1 if quiet else f"fid.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

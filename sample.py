@@ -19,7 +19,9 @@ FID:    torchrun --standalone --nproc_per_node=8 sample.py --ckpt X --num-sample
 """
 import argparse
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -91,6 +93,19 @@ def save_grid(images, rows, path, pad=2, scale=1):
     Image.fromarray(grid[..., 0] if C == 1 else grid).save(path)
 
 
+def write_atomic(out, write):
+    """write(tmp) to a temp file of out's extension, then rename it over `out`: an error or
+    Ctrl-C midway leaves no partial file and any previous `out` as it was."""
+    root, ext = os.path.splitext(out)
+    tmp = f"{root}.tmp{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_curves(path, series, title="", ylabel="", logy=True):
     """Line plot of named series {name: (steps, values)} to a PNG (matplotlib): the training
     curves of toy.py and train.py."""
@@ -123,7 +138,29 @@ def main():
     p.add_argument("--vae", help="SD-VAE weights for latent models: sd-vae-ft-mse's "
                    "diffusion_pytorch_model.safetensors or its folder (vae.py)")
     p.add_argument("--out", help="output file (default samples.png / samples.npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args()
+    # Checked here, before any work: a bad flag would otherwise crash anonymously or write
+    # another file than --out (np.savez adds .npz, PIL needs an extension to pick a format).
+    for flag in ("per_class", "batch", "scale"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
+    if args.num_samples < 0:
+        p.error(f"--num-samples {args.num_samples}: must be >= 0 (0 = a grid)")
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg {args.cfg}: the CFG scale must be a finite number (1.0 = no guidance)")
+    out = args.out or ("samples.npz" if args.num_samples else "samples.png")
+    ext = os.path.splitext(out)[1].lower()
+    if args.num_samples and ext != ".npz":
+        p.error(f"--out {out}: --num-samples writes an .npz; name it e.g. samples.npz")
+    if not args.num_samples:
+        from PIL import Image
+        if ext not in {e for e, f in Image.registered_extensions().items() if f in Image.SAVE}:
+            p.error(f"--out {out}: a grid is an image; name it e.g. samples.png (or .jpg)")
+    if os.path.exists(out) and not args.overwrite:
+        p.error(f"--out {out} exists; pass --overwrite to replace it, or another --out")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        p.error(f"--out {out}: no folder {os.path.dirname(out)!r}; create it first")
     torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
 
     ddp = "RANK" in os.environ  # torchrun
@@ -138,7 +175,7 @@ def main():
         print(json.dumps({"args": vars(args), "model": asdict(model.cfg)}))
 
     if args.num_samples:  # the .npz for fid.py / the ADM evaluator
-        N, out = args.num_samples, args.out or "samples.npz"
+        N = args.num_samples
         if N % K or N < world:
             raise ValueError(f"--num-samples {N}: not a multiple of the {K} classes "
                              f"(or fewer than the {world} processes)")
@@ -147,25 +184,36 @@ def main():
         classes = args.classes or (list(range(K)) if K <= 10 else GRID_CLASSES)
         if max(classes) >= K or min(classes) < 0:
             raise ValueError(f"--classes {classes}: the model has classes 0..{K - 1}")
-        N, out = len(classes) * args.per_class, args.out or "samples.png"
+        N = len(classes) * args.per_class
         mine = list(range(N)) if rank == 0 else []
     label_of = (lambda i: i % K) if args.num_samples else (lambda i: classes[i // args.per_class])
 
-    t0, parts = time.time(), []
+    t0, parts, bad = time.time(), [], torch.zeros(2, dtype=torch.long, device=device)
     for b in tqdm(range(0, len(mine), args.batch), desc="sampling", disable=rank != 0):
         index = mine[b:b + args.batch]
         labels = torch.tensor([label_of(i) for i in index])
-        parts.append(decode(generate(model, index, labels, args.cfg, args.seed, device), vae))
-    images = torch.cat(parts) if parts else None                            # (n_rank, H, W, C)
+        x = generate(model, index, labels, args.cfg, args.seed, device)     # (B, C, H, W)
+        # Checked before decode, whose NaN -> 0 (the official _to_uint8) would write black images
+        n_bad = (~x.isfinite()).flatten(1).any(1).sum()
+        bad += torch.stack([n_bad, torch.tensor(len(index), device=device)])
+        if n_bad:
+            break  # this rank stops; the count is shared below so every rank fails together
+        parts.append(decode(x, vae))
     if ddp:
-        dist.barrier()
+        dist.all_reduce(bad)                            # also the barrier after sampling
+    if bad[0]:
+        raise ValueError(f"{args.ckpt}: {bad[0].item()} of {bad[1].item()} samples drawn are "
+                         f"NaN or inf, nothing written; the checkpoint's weights are broken: try "
+                         f"{'the EMA (no --raw)' if args.raw else '--raw'}, a smaller --cfg or "
+                         f"an earlier checkpoint")
+    images = torch.cat(parts) if parts else None                            # (n_rank, H, W, C)
     if rank == 0:
         dt = time.time() - t0
         print(f"{N} samples in {dt:.1f} s: {N / dt:.1f} img/s over {world} process(es)")
 
     if not args.num_samples:
         if rank == 0:
-            save_grid(images, len(classes), out, scale=args.scale)
+            write_atomic(out, lambda tmp: save_grid(images, len(classes), tmp, scale=args.scale))
     else:  # each rank's share goes through a file: no 10 GB collective for 50k ImageNet images
         np.save(f"{out}.part{rank}.npy", images.numpy())
         if ddp:
@@ -175,12 +223,26 @@ def main():
             for r in range(world):
                 arr[r::world] = np.load(f"{out}.part{r}.npy")             # sample r + world*j
                 os.remove(f"{out}.part{r}.npy")
-            np.savez(out, arr_0=arr, labels=np.arange(N) % K)
+            write_atomic(out, lambda tmp: np.savez(tmp, arr_0=arr, labels=np.arange(N) % K))
     if rank == 0:
         print(f"wrote {out}")
     if ddp:
         dist.destroy_process_group()
 
 
+def cli():
+    """main() with errors as one line (no traceback), printed once under torchrun: every rank
+    meets the same bad input, so only rank 0 reports it and the others exit 1 silently."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        main()
+    except KeyboardInterrupt:
+        if not quiet:
+            print("sample.py: interrupted (nothing written)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.exit(1 if quiet else f"sample.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

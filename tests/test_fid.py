@@ -233,3 +233,80 @@ def test_two_processes_give_the_same_fid_and_is(weights_with_head, tmp_path, mon
     assert res.returncode == 0, res.stdout + res.stderr
     pick = lambda out: [s for s in out.splitlines() if s.startswith(("FID", "IS"))]  # noqa: E731
     assert len(pick(one)) == 2 and pick(one) == pick(res.stdout), (one, res.stdout)
+
+
+def test_bad_inputs_are_refused_before_the_pass(tmp_path, monkeypatch, capsys):
+    """Every input is checked before the Inception loads (the weights file here does not even
+    exist): fewer than 2 images (NaN covariance), a non-uint8 or unreadable .npz, an unreadable
+    or differently sized image in a folder, NaN or keyless reference stats, too few images for
+    --is. Each message names the bad file; `ref --out` is not written."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "one.npz", arr_0=rng.integers(0, 256, (1, 28, 28), dtype=np.uint8))
+    np.savez(tmp_path / "float.npz", arr_0=rng.random((4, 28, 28, 3)))
+    np.savez(tmp_path / "keys.npz", x=np.zeros(3))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "five.npz", arr_0=rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8))
+    np.savez(tmp_path / "nan.npz", mu=np.full(fid.DIM, np.nan), sigma=np.eye(fid.DIM))
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(fid.DIM), sigma=np.eye(fid.DIM))
+    for name, side in (("odd", 30), ("bad", None)):
+        os.makedirs(tmp_path / name)
+        for i in range(2):
+            Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / name / f"{i}.png")
+    Image.fromarray(np.zeros((28, 30), np.uint8)).save(tmp_path / "odd" / "2.png")
+    (tmp_path / "bad" / "2.png").write_bytes(b"not a png")
+    w, out = str(tmp_path / "nope.pth"), str(tmp_path / "out.npz")
+    for src, ref, match in (
+            ("one.npz", None, r"one.npz: 1 image\(s\); FID statistics need at least 2"),
+            ("float.npz", None, r"float.npz: arr_0 is float64 \(4, 28, 28, 3\), expected uint8"),
+            ("keys.npz", None, r"keys.npz: no arr_0 arrays \(found \['x'\]\)"),
+            ("junk.npz", None, r"junk.npz: not a readable .npz"),
+            ("odd", None, r"odd/2.png: 30x28 pixels, but .*odd/0.png is 28x28"),
+            ("bad", None, r"bad/2.png: not a readable image"),
+            ("five.npz", "nan.npz", r"nan.npz: mu or sigma holds NaN or inf"),
+            ("five.npz", "keys.npz", r"keys.npz: no mu/sigma or ref_mu/ref_sigma arrays"),
+            ("five.npz", "ok.npz", r"five.npz: 5 images; --is needs at least 10")):
+        cmd = ["ref", "--out", out] if ref is None else ["calc", "--ref", str(tmp_path / ref),
+                                                           "--is"]
+        with pytest.raises(ValueError, match=match):
+            cli(monkeypatch, capsys, *cmd, "--weights", w, "--images", str(tmp_path / src))
+        assert not os.path.exists(out) and "inception" not in capsys.readouterr().err
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.full((1,), np.nan)}, w)
+    with pytest.raises(ValueError, match=r"nope.pth: tensor 'Conv2d_1a_3x3.conv.weight' holds"):
+        fid.load_inception(w)
+
+
+def test_truncated_image_is_named_mid_pass(tmp_path):
+    """A file whose header reads but whose pixels do not passes the header scan; its decode
+    then names the file instead of PIL's anonymous error."""
+    from PIL import Image
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)  # ~800 B
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:200])  # header intact
+    get, n = fid.open_images(str(tmp_path))
+    assert n == 2 and get([0]).shape == (1, 28, 28, 3)
+    with pytest.raises(ValueError, match=r"1.png: not a readable image"):
+        get([1])
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """`ref --out` without .npz (np.savez would write another name) exits 2 naming --out; an
+    input error ends as `fid.py: error: ...`, exit 1, no traceback; only rank 0 prints it."""
+    with pytest.raises(SystemExit) as e:
+        cli(monkeypatch, capsys, "ref", "--weights", "w", "--data", "mnist5k", "--out",
+            str(tmp_path / "stats"))
+    assert e.value.code == 2 and "stats: the stats file is an .npz" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    args = ["fid.py", "calc", "--weights", "w", "--images", str(tmp_path / "junk.npz"),
+            "--ref", str(tmp_path / "junk.npz")]
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("fid.py: error: ") and "junk.npz: not a readable" in res.stderr
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: exit 1, silent
+    monkeypatch.setattr(fid, "main", lambda: fid.load_stats(str(tmp_path / "junk.npz")))
+    with pytest.raises(SystemExit) as e:
+        fid.cli()
+    assert e.value.code == 1 and capsys.readouterr().err == ""
+    assert os.listdir(tmp_path) == ["junk.npz"]

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from models import DriftDiT, DriftDiT_models, save_checkpoint
+import sample
+from models import MLP, DriftDiT, DriftDiT_models, save_checkpoint
 from sample import generate, load_generator
 from vae import VAE_SCALE, AutoencoderKL, VAEConfig, VAE_models, load_vae
 
@@ -140,3 +141,96 @@ def test_latent_model_decodes_through_vae(tmp_path):
         r, c = 2 + k // 2 * 66, 2 + k % 2 * 66
         diff = np.abs(grid[r:r + 64, c:c + 64].astype(int) - want[k].astype(int))
         assert diff.max() <= 1 and diff.mean() < 0.01  # float32 rounding at the truncation
+
+
+def main(monkeypatch, *args):
+    """`python sample.py *args` in this process (grad mode restored after main() turns it off)."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    with torch.enable_grad():
+        sample.main()
+
+
+def test_non_finite_outputs_are_refused_before_decode(tmp_path, monkeypatch):
+    """Finite but huge weights overflow to inf: decode's NaN -> 0 would write black images with
+    exit 0, so the batch is checked before decode and neither the grid nor the .npz (nor its
+    per-rank shares) is written."""
+    model = tiny()
+    with torch.no_grad():
+        model.final.linear.weight.fill_(1e38)                               # outputs +-inf
+    save_checkpoint(model, tmp_path / "broken.safetensors")
+    for mode in (["--per-class", "2"], ["--num-samples", "20"]):  # stops at the 1st batch
+        out = tmp_path / ("s.npz" if "--num-samples" in mode else "s.png")
+        with pytest.raises(ValueError, match=r"broken.safetensors: 8 of 8 samples drawn are NaN "
+                                             r"or inf, nothing written.*try --raw"):
+            main(monkeypatch, "--ckpt", str(tmp_path / "broken.safetensors"), "--out", str(out),
+                 "--batch", "8", *mode)
+    assert sorted(os.listdir(tmp_path)) == ["broken.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--per-class", "0"], "--per-class 0: must be > 0"),
+    (["--batch", "0"], "--batch 0: must be > 0"),
+    (["--scale", "0"], "--scale 0: must be > 0"),
+    (["--num-samples", "-10"], "--num-samples -10: must be >= 0"),
+    (["--cfg", "nan"], "--cfg nan: the CFG scale must be a finite number"),
+    (["--cfg", "inf"], "--cfg inf: the CFG scale must be a finite number"),
+    (["--out", "{tmp}/noext"], "--out {tmp}/noext: a grid is an image; name it e.g. samples.png"),
+    (["--num-samples", "10", "--out", "{tmp}/s.png"], "--num-samples writes an .npz"),
+    (["--out", "{tmp}/nodir/s.png"], "no folder '{tmp}/nodir'; create it first"),
+])
+def test_bad_flags_exit_2_before_any_work(ckpt, tmp_path, monkeypatch, capsys, args, message):
+    """Each count/size flag, a non-finite --cfg and an --out that is not the file that would be
+    written stop at parse time with exit 2 and a message naming the flag; nothing is written
+    (without the checks these runs sample, then crash or write another file)."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    args += [] if "--out" in args else ["--out", str(tmp_path / "s.png")]
+    with pytest.raises(SystemExit) as e:
+        main(monkeypatch, "--ckpt", ckpt, *args)
+    assert e.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_out_is_kept_unless_overwrite(ckpt, tmp_path, monkeypatch, capsys):
+    """An existing --out is refused (exit 2, the file as it was); --overwrite replaces it with
+    the grid, through a temp file that does not stay behind."""
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"old")
+    with pytest.raises(SystemExit) as e:
+        main(monkeypatch, "--ckpt", ckpt, "--per-class", "1", "--out", str(out))
+    assert e.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"old"
+    main(monkeypatch, "--ckpt", ckpt, "--per-class", "1", "--out", str(out), "--overwrite")
+    assert Image.open(out).size == (30 + 2, 10 * 30 + 2) and os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_cli_errors_are_one_line_once(tmp_path, monkeypatch, capsys):
+    """A toy (kind "mlp") or MAE checkpoint ends with `sample.py: error: ...` and exit 1, no
+    traceback, nothing written; under torchrun only rank 0 prints it; Ctrl-C exits 130."""
+    save_checkpoint(MLP(), tmp_path / "toy.safetensors", kind="mlp",
+                    config=dict(kind="mlp", noise_dim=32))
+    rc, log = run(["--ckpt", str(tmp_path / "toy.safetensors"), "--out",
+                   str(tmp_path / "s.png")])
+    assert rc == 1 and "Traceback" not in log, log
+    assert "sample.py: error: " in log and "kind='mlp', expected 'gen' weights" in log, log
+    save_checkpoint(tiny(), tmp_path / "mae.safetensors", kind="mae")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tmp_path / "mae.safetensors"),
+                                      "--out", str(tmp_path / "s.png")])
+    with torch.enable_grad(), pytest.raises(SystemExit) as e:
+        sample.cli()
+    assert e.value.code.startswith("sample.py: error: ") and "kind='mae'" in e.value.code
+
+    def fails(exc):
+        def main():
+            raise exc
+        return main
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: exit 1, silent
+    monkeypatch.setattr(sample, "main", fails(ValueError("bad input")))
+    with pytest.raises(SystemExit) as e:
+        sample.cli()
+    assert e.value.code == 1 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sample, "main", fails(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        sample.cli()
+    assert e.value.code == 130 and "sample.py: interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["mae.safetensors", "toy.safetensors"]
