@@ -40,8 +40,12 @@ def read_cache_index(root):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no latent cache at {root!r} ({path} is missing); make one "
                                 f"with: {CACHE_MAKE}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:                                     # JSONDecodeError, bad UTF-8
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun the cache command "
+                         f"({CACHE_MAKE}), which keeps the shards made with the same settings")
 
 
 def mmap_safetensors(path):
@@ -67,6 +71,17 @@ def mmap_safetensors(path):
         raise ValueError(f"latent cache shard {path} is corrupt ({e}); delete it and rerun "
                          f"the cache command, which redoes missing shards") from e
     return arrays, meta
+
+
+def shard_skipped(root, k):
+    """The files shard k skipped as unreadable (a JSON list in its metadata)."""
+    path = shard_path(root, k)
+    meta = mmap_safetensors(path)[1]
+    try:
+        return json.loads(meta["skipped"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: its 'skipped' metadata is missing or not valid JSON ({e}); "
+                         f"delete the shard and rerun the cache command, which redoes it") from e
 
 
 class LatentCache:
@@ -198,8 +213,7 @@ def main(argv=None):
         dist.barrier()                          # every rank's shards are written
     if rank == 0:
         cache = LatentCache(args.out)
-        skipped = sum(len(json.loads(mmap_safetensors(shard_path(args.out, k))[1]["skipped"]))
-                      for k in range(info["num_shards"]))
+        skipped = sum(len(shard_skipped(args.out, k)) for k in range(info["num_shards"]))
         disk = sum(os.path.getsize(shard_path(args.out, k)) for k in range(info["num_shards"]))
         print(f"latent cache {args.out}: {len(cache)} images x 2 flips of {cache.shape}, "
               f"{len(info['classes'])} classes, {skipped} unreadable files skipped, "

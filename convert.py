@@ -9,11 +9,13 @@ with plain `msgpack` (no JAX / flax), rename the flax leaves to our state_dict n
 Paper: Generative Modeling via Drifting, arXiv:2602.04770.
     python convert.py --artifact path/to/gen_artifact --out runs/official_L2
     python convert.py --artifact flat_params.safetensors --kind gen --out runs/x  # flat names
+An --out that already holds a model.safetensors (a training run) is refused without --overwrite.
 """
 import argparse
 import json
 import os
 import re
+import sys
 from functools import partial
 
 import numpy as np
@@ -95,20 +97,30 @@ def read_artifact(folder):
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{meta_path}: missing; an official artifact folder holds "
                                 "ema_params.msgpack and metadata.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:                                     # JSONDecodeError, bad UTF-8
+        raise ValueError(f"{meta_path}: not valid JSON ({e}); download the artifact "
+                         f"again") from e
     return meta, read_flax_msgpack(os.path.join(folder, "ema_params.msgpack"))
 
 
 def read_flat_safetensors(path, kind=None):
     """A flat {'a/b/kernel': array} .safetensors (as tests/fixtures/gen_params.safetensors) ->
     (metadata, flat) like read_artifact; model_config and (unless given) kind from its metadata."""
-    with safe_open(path, "np") as f:
-        file_meta = f.metadata() or {}
+    try:
+        with safe_open(path, "np") as f:
+            file_meta = f.metadata() or {}
+    except Exception as e:                                      # safetensors' own error types
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
     if "model_config" not in file_meta:
         raise ValueError(f"{path}: no model_config in the safetensors metadata")
-    return ({"kind": kind or file_meta.get("kind"),
-             "model_config": json.loads(file_meta["model_config"])}, load_file(path))
+    try:
+        model_config = json.loads(file_meta["model_config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: its model_config metadata is not valid JSON ({e})") from e
+    return {"kind": kind or file_meta.get("kind"), "model_config": model_config}, load_file(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,19 +294,34 @@ def convert(meta, flat):
     return CONVERTERS[kind][0](meta["model_config"], flat)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="official JAX artifact -> OUT/model.safetensors")
     parser.add_argument("--artifact", required=True,
                         help="official folder or flat .safetensors with model_config metadata")
     parser.add_argument("--kind", choices=sorted(CONVERTERS), help="kind of a flat .safetensors")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT/model.safetensors (e.g. a training run's)")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.out, "model.safetensors")
+    if os.path.exists(path) and not args.overwrite:             # checked before any work
+        parser.error(f"--out {args.out} already holds {path} (a training run or an earlier "
+                     f"conversion); pass a new --out, or --overwrite to replace its weights")
+    if not os.path.exists(args.artifact):
+        raise FileNotFoundError(f"--artifact {args.artifact}: no such folder or file (an "
+                                f"official artifact folder or a flat .safetensors)")
     meta, flat = (read_artifact(args.artifact) if os.path.isdir(args.artifact)
                   else read_flat_safetensors(args.artifact, args.kind))
     model = convert(meta, flat)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model.safetensors")
     CONVERTERS[meta["kind"]][1](model, path, source=os.path.abspath(args.artifact),
                                 official_metadata=json.dumps(meta))
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.artifact} ({meta['kind']}, {n:,} params) -> {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, ImportError) as e:             # a message, not a traceback
+        sys.exit(f"convert.py: error: {e}")

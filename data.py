@@ -52,14 +52,29 @@ def mnist5k(path=None):
     path = path or mnist5k_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"no MNIST-5k file at {path} (get it with: {MNIST5K_INSTALL})")
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)      # (N, 785)
-    if rows.shape[1] != MNIST_SIDE ** 2 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255:
-        raise ValueError(f"{path}: expected rows of 784 pixels in 0..255 + a label, "
-                         f"got {rows.shape[1]} columns")
+    try:                                                        # fast path: one numpy parse
+        with gzip.open(path, "rt") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)      # (N, 785)
+        if rows.shape[1] != MNIST_SIDE ** 2 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255:
+            raise ValueError
+    except ValueError:                                          # the slow scan says where
+        raise ValueError(f"{path}: expected lines of 784 pixels in 0..255 + a label, but "
+                         f"{_first_bad_entry(path)}; reinstall it ({MNIST5K_INSTALL})") from None
     images = torch.from_numpy(rows[:, :-1]).float().div(127.5).sub(1)   # (N, 784) in [-1, 1]
     images = images.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)              # (N, 1, 28, 28)
     return images, torch.from_numpy(rows[:, -1])
+
+
+def _first_bad_entry(path):
+    """Where a MNIST-5k csv first goes wrong (read only after the fast parse failed)."""
+    with gzip.open(path, "rt") as f:
+        for n, cells in ((n, line.split(",")) for n, line in enumerate(f, 1) if line.strip()):
+            if len(cells) != MNIST_SIDE ** 2 + 1:
+                return f"line {n} has {len(cells)} columns"
+            for c, v in enumerate(cells, 1):
+                if not v.strip().isdecimal() or (c <= MNIST_SIDE ** 2 and int(v) > 255):
+                    return f"line {n}, column {c} holds {v.strip()!r}"
+    return "it has no lines"
 
 
 def split_per_class(labels, n_per_class):
@@ -112,13 +127,10 @@ class TensorSampler:
         self.classes = labels.unique()                              # (K,) sorted
         self.by_class = [torch.nonzero(labels == c).flatten() for c in self.classes]
 
-    def take(self, idx, generator):
-        return take(self.images, idx, generator)
-
     def batch(self, n):
         """n distinct random items -> (images (n, ...), labels (n,))."""
         idx = _choose(len(self.labels), n, self.g)
-        return self.take(idx, self.g), self.labels[idx]
+        return take(self.images, idx, self.g), self.labels[idx]
 
     def groups(self, n_c, n_pos, n_unc):
         """n_c class groups from the sampler's own stream (draw_classes + draw_group) ->
@@ -137,7 +149,7 @@ class TensorSampler:
         idx = self.by_class[i]
         pos = idx[_choose(len(idx), n_pos, generator)]               # (n_pos,)
         unc = _choose(len(self.labels), n_unc, generator)            # (n_unc,)
-        return self.take(pos, generator), self.take(unc, generator)
+        return take(self.images, pos, generator), take(self.images, unc, generator)
 
     def state_dict(self):
         return {"generator": self.g.get_state()}
@@ -152,11 +164,9 @@ ALPHA_RANGE = (1.0, 4.0)        # CFG scales seen in training (official cfg_min,
 def alpha_from_uniform(u, u_no_cfg, power, no_cfg_frac, lo=ALPHA_RANGE[0], hi=ALPHA_RANGE[1]):
     """CFG scale per group from two uniforms (official train_step): the inverse CDF of
     p(alpha) ~ alpha^-power on [lo, hi] at u, and alpha = 1 where u_no_cfg < no_cfg_frac."""
-    k = 1.0 - power
-    if abs(k) < 1e-6:                                           # p ~ 1/alpha: log-uniform
-        alpha = lo * (hi / lo) ** u
-    else:
-        alpha = (lo ** k + u * (hi ** k - lo ** k)) ** (1.0 / k)
+    k = 1.0 - power                                             # k = 0: log-uniform
+    alpha = (lo * (hi / lo) ** u if abs(k) < 1e-6 else
+             (lo ** k + u * (hi ** k - lo ** k)) ** (1.0 / k))
     return torch.where(u_no_cfg < no_cfg_frac, torch.ones_like(alpha), alpha)
 
 
@@ -257,12 +267,8 @@ def random_resized_crop(image, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 
             top = torch.randint(0, H - h + 1, (1,), generator=generator).item()
             left = torch.randint(0, W - w + 1, (1,), generator=generator).item()
             break
-    else:                                                       # fallback: central box
-        w, h = W, H
-        if W / H < ratio[0]:
-            h = round(W / ratio[0])
-        elif W / H > ratio[1]:
-            w = round(H * ratio[1])
+    else:                                                       # fallback: central box,
+        w, h = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))  # aspect clamped
         top, left = (H - h) // 2, (W - w) // 2
     return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
 
@@ -276,28 +282,32 @@ def to_tensor(image):
 class ImageFolder:
     """root/<class>/<image> read on demand as (3, size, size) in [-1, 1]: ADM center crop (or,
     with `augment`, RandomResizedCrop(0.2-1)) + flip. An unreadable file is replaced, with a
-    warning, by the next readable image of its class: a bad JPEG never stops a run."""
+    warning, by the next readable one of its class: each class needs one, checked here."""
 
     def __init__(self, root, size=256, augment=False, workers=8):
-        self.paths, self.labels, self.classes = image_folder(root)
+        self.root, (self.paths, self.labels, self.classes) = root, image_folder(root)
         self.size, self.augment, self.workers = size, augment, workers
         self.shape = (3, size, size)
-        counts = torch.bincount(self.labels)
-        self.start = (torch.cumsum(counts, 0) - counts).tolist()   # first index of each class
-        self.count = counts.tolist()
+        self.count = torch.bincount(self.labels).tolist()
+        self.start = np.cumsum([0] + self.count[:-1]).tolist()     # first index of each class
+        with ThreadPoolExecutor(workers) as pool:   # normally one decode per class: fail now,
+            list(pool.map(self._readable, range(len(self.classes))))   # not when first drawn
 
     def __len__(self):
         return len(self.paths)
 
+    def _readable(self, c, k0=0):
+        """The first readable image of class c from its file k0 on (then its class mates)."""
+        for k in range(self.count[c]):
+            image = load_rgb(self.paths[self.start[c] + (k0 + k) % self.count[c]])
+            if image is not None:
+                return image
+        raise ValueError(f"class folder {os.path.join(self.root, self.classes[c])!r} has no "
+                         f"readable image (see the warnings): replace its images")
+
     def _item(self, i, flip, seed):
         c = self.labels[i].item()
-        for k in range(self.count[c]):                          # i, then its class mates
-            j = self.start[c] + (i - self.start[c] + k) % self.count[c]
-            image = load_rgb(self.paths[j])
-            if image is not None:
-                break
-        else:
-            raise RuntimeError(f"no readable image in class folder {self.classes[c]!r}")
+        image = self._readable(c, i - self.start[c])            # i, or a class mate
         image = (random_resized_crop(image, self.size, torch.Generator().manual_seed(seed))
                  if self.augment else center_crop_arr(image, self.size))
         x = to_tensor(image)                                    # (3, size, size)

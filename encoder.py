@@ -286,12 +286,25 @@ class MAEResNet(nn.Module):
 
 def mae_from_state(config, state_dict, encoder_only=False):
     """Our weights file (models.read_checkpoint(path, "mae") gives config and state_dict) ->
-    MAEResNet in eval mode; the decoder and head are built only if the file has them."""
+    MAEResNet in eval mode; the decoder and head are built only if the file has them. Tensors
+    that do not fit the config (another MAE's weights) raise a ValueError naming them."""
     if encoder_only:
         state_dict = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
     heads = any(k.startswith("decoder.") for k in state_dict)
-    with torch.device("meta"):                                  # every tensor comes from
-        model = MAEResNet(MAEConfig(**config), with_heads=heads)   # the file: no init work
+    hint = "pass the --mae-ckpt made for this --mae-model / data"
+    try:
+        with torch.device("meta"):                              # every tensor comes from
+            model = MAEResNet(MAEConfig(**config), with_heads=heads)   # the file: no init work
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"MAE config {config} builds no MAEResNet ({e}); {hint}") from e
+    own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} (the config's: {tuple(own[k].shape)})"
+           for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    bad += [f"unexpected {k}" for k in state_dict if k not in own]
+    bad += [f"missing {k}" for k in own if k not in state_dict]
+    if bad:
+        raise ValueError(f"MAE weights do not fit their config {config}: {', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; {hint}")
     model.load_state_dict(state_dict, assign=True)
     return model.eval()
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -33,13 +34,12 @@ from sample import save_curves
 # ------------------------------------------------------------------------------------------
 def checkerboard(n, generator=None, noise=0.05):
     """Uniform on the 8 dark cells (i + j even) of a 4x4 board on [-1, 1]^2."""
-    g = generator
-    parity = torch.randint(0, 2, (n,), generator=g)                  # which diagonal family
-    i = 2 * torch.randint(0, 2, (n,), generator=g) + parity          # column 0..3
-    j = 2 * torch.randint(0, 2, (n,), generator=g) + parity          # row 0..3, i + j even
+    parity = torch.randint(0, 2, (n,), generator=generator)          # which diagonal family
+    i = 2 * torch.randint(0, 2, (n,), generator=generator) + parity  # column 0..3
+    j = 2 * torch.randint(0, 2, (n,), generator=generator) + parity  # row 0..3, i + j even
     cell = torch.stack([i, j], dim=1).float()                        # (n, 2)
-    pts = (cell + torch.rand(n, 2, generator=g)) * 0.5 - 1.0         # (n, 2) in [-1, 1]^2
-    return pts + noise * torch.randn(n, 2, generator=g)
+    pts = (cell + torch.rand(n, 2, generator=generator)) * 0.5 - 1.0  # (n, 2) in [-1, 1]^2
+    return pts + noise * torch.randn(n, 2, generator=generator)
 
 
 def swiss_roll(n, generator=None, noise=0.03):
@@ -86,19 +86,35 @@ parser.add_argument("--kernel-norm", choices=["both", "y", "none", "per_set"], d
 parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine to 0")
 parser.add_argument("--init", choices=["default", "far", "collapsed"], default="default",
                     help="Fig. 3 starts: far = all points near (3, 3), collapsed = near (1, 0)")
-parser.add_argument("--frames", default="0,50,100,200,400,800,1400,2000",
-                    help="steps drawn in toy_evolution.png (those past --steps are dropped)")
+parser.add_argument("--frames", default="0,50,100,200,400,800,1400,2000", help="steps drawn "
+                    "in toy_evolution.png, each in 0..--steps (the default's past it: dropped)")
 parser.add_argument("--eval-n", type=int, default=5000, help="points for the energy distance")
 parser.add_argument("--log-every", type=int, default=100, help="steps between log lines")
 parser.add_argument("--seed", type=int, default=0, help="model, noise and data seed")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
+parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+POSITIVE = ("steps", "batch", "n_pos", "eval_n", "log_every", "tau", "lr")
+
+
+def parse_args(argv=None):
+    """parser.parse_args, then every check that must pass before anything is written."""
+    args = parser.parse_args(argv)
+    for name in (n for n in POSITIVE if not getattr(args, n) > 0):       # NaN fails too
+        parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.frames != parser.get_default("frames") and not all(
+            s.strip().isdecimal() and int(s) <= args.steps for s in args.frames.split(",")):
+        parser.error(f"--frames {args.frames}: expected comma-separated steps in 0..{args.steps}")
+    old = [f for f in ("log.txt", "model.safetensors") if os.path.exists(f"{args.out}/{f}")]
+    if old and not args.overwrite:
+        parser.error(f"--out {args.out} holds another run {old}; toy runs are short (no "
+                     f"--resume): pass --overwrite or a new --out")
+    return args
 
 
 def train(args):
     """Train, evaluate, draw; returns the summary dict that log.txt ends with."""
-    import matplotlib
-    matplotlib.use("Agg")                                            # files only, no window
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")                                        # files only, no window
     os.makedirs(args.out, exist_ok=True)
     device, sample = torch.device(args.device), TOY_DATA[args.data]
     torch.manual_seed(args.seed)
@@ -113,12 +129,10 @@ def train(args):
     fixed_noise = torch.randn(2000, model.noise_dim, generator=torch.Generator().manual_seed(7))
     ref = sample(2000, torch.Generator().manual_seed(8))             # drawn behind q
     frames, curve, log = [], {"step": [], "loss": [], "ed": []}, open(f"{args.out}/log.txt", "w")
-
     t0 = time.time()
     for step in (bar := tqdm(range(args.steps + 1), desc=f"toy {args.data}", mininterval=1)):
         if step in frames_at:
-            with torch.no_grad():
-                frames.append((step, model(fixed_noise.to(device)).cpu()))
+            frames.append((step, model(fixed_noise.to(device)).detach().cpu()))
         if step == args.steps:
             break
         x = model(torch.randn(args.batch, model.noise_dim, device=device))   # (N, 2) q
@@ -127,8 +141,7 @@ def train(args):
         V = drift_field(x_sg, y_pos, x_sg, tau=args.tau, kernel_norm=args.kernel_norm)
         loss = F.mse_loss(x, x_sg + V)          # Eq. (6): the target x + V carries no grad
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping "
-                                     f"(try a larger --tau or a smaller --lr)")
+            raise FloatingPointError(f"loss {loss.item()} at step {step}; raise --tau, lower --lr")
         for group in opt.param_groups:                               # cosine decay to 0
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         opt.zero_grad(set_to_none=True)
@@ -143,20 +156,16 @@ def train(args):
                   f"| {time.time() - t0:.1f}s", file=log, flush=True)
     train_time = time.time() - t0
 
-    # Quality: fresh generated points vs held-out data, and the real-vs-real floor at the same
-    # size (mean over 3 independent pairs of real sets).
-    n = args.eval_n
-    with torch.no_grad():
-        gen = model(torch.randn(n, model.noise_dim, device=device)).cpu()
-    held = sample(n, torch.Generator().manual_seed(10_001))
+    # Quality: fresh points vs held-out data; the floor: real vs real at that size (3 pairs).
+    gen = model(torch.randn(args.eval_n, model.noise_dim, device=device)).detach().cpu()
+    held = sample(args.eval_n, torch.Generator().manual_seed(10_001))
     ed = energy_distance(gen, held)
-    floor = sum(energy_distance(sample(n, torch.Generator().manual_seed(20_000 + i)),
-                                sample(n, torch.Generator().manual_seed(30_000 + i)))
+    floor = sum(energy_distance(sample(args.eval_n, torch.Generator().manual_seed(20_000 + i)),
+                                sample(args.eval_n, torch.Generator().manual_seed(30_000 + i)))
                 for i in range(3)) / 3
     summary = dict(data=args.data, steps=args.steps, seed=args.seed, energy_distance=ed,
                    floor=floor, ratio=ed / floor, train_seconds=round(train_time, 1))
-    print(json.dumps(summary), file=log, flush=True)
-    log.close()
+    print(json.dumps(summary), file=log), log.close()
 
     def scatter(ax, q, title, n_show=3000):
         ax.scatter(*held[:n_show].T, s=1, c="tab:blue", alpha=0.4, label="data p")
@@ -180,10 +189,12 @@ def train(args):
                     config=dict(kind="mlp", noise_dim=model.noise_dim), args=json.dumps(vars(args)))
     print(f"trained {args.steps} steps in {train_time:.1f}s | energy distance {ed:.2e} | "
           f"real-vs-real floor {floor:.2e} | ratio {ed / floor:.2f}")
-    print(f"wrote {args.out}/toy.png, toy_evolution.png, toy_curves.png, model.safetensors, "
-          f"log.txt")
+    print(f"wrote {args.out}/{{toy,toy_evolution,toy_curves}}.png, model.safetensors, log.txt")
     return summary
 
 
 if __name__ == "__main__":
-    train(parser.parse_args())
+    try:
+        train(parse_args())
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:   # a message, not a
+        sys.exit(f"toy.py: error: {e}")                                   # traceback

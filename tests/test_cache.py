@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cache import LatentCache, cache_latents, mmap_safetensors, shard_path
+from cache import LatentCache, cache_latents, mmap_safetensors, shard_path, shard_skipped
 from data import TensorSampler, center_crop_arr, image_folder, to_tensor
 from test_data import SIZE, folder  # noqa: F401 (a fixture: the same image folder)
 from vae import load_vae
@@ -144,6 +144,21 @@ def test_cache_refuses_other_vae_size_and_corruption(folder, vae_file, cache, tm
         LatentCache(out)
     with pytest.raises(FileNotFoundError, match="no latent cache"):
         LatentCache(str(tmp_path))
+
+
+def test_bad_json_names_its_file(folder, vae_file, tmp_path):
+    """A broken index.json is named (by reading and by a rerun, which then writes nothing), and
+    so is a shard whose 'skipped' metadata is not JSON."""
+    index = tmp_path / "index.json"
+    index.write_text('{"version": "1", oops')
+    with pytest.raises(ValueError, match="index.json: not valid JSON .*delete it and rerun"):
+        LatentCache(str(tmp_path))
+    with pytest.raises(ValueError, match="index.json: not valid JSON"):
+        cache_latents(folder[0], str(tmp_path), vae_file, SIZE, shard_size=2)
+    assert index.read_text() == '{"version": "1", oops' and os.listdir(tmp_path) == ["index.json"]
+    save_file({"labels": torch.zeros(1)}, shard_path(str(tmp_path), 0), {"skipped": "[oops"})
+    with pytest.raises(ValueError, match="shard_00000.safetensors: its 'skipped' metadata"):
+        shard_skipped(str(tmp_path), 0)
 
 
 def test_train_gen_on_latent_cache(folder, vae_file, tmp_path):

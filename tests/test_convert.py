@@ -1,6 +1,7 @@
 """Tests of convert.py: official artifacts -> our weights file, and its error messages."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,6 +148,35 @@ def test_mae_artifact_cli_round_trip(tmp_path):
         load_checkpoint(str(out))                                    # an encoder is no generator
 
 
+def test_cli_refuses_to_replace_weights(tmp_path, capsys):
+    """--out holding a model.safetensors (a training run) is refused before any work, its file
+    untouched; --overwrite replaces it."""
+    (tmp_path / "model.safetensors").write_bytes(b"a training run's weights")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--artifact", ARTIFACT, "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"a training run's weights"
+    convert.main(["--artifact", ARTIFACT, "--out", str(tmp_path), "--overwrite"])
+    assert load_checkpoint(str(tmp_path)).cfg.depth == 2
+
+
+def test_cli_errors_are_one_line_and_name_the_file(tmp_path):
+    """A missing --artifact ends in one 'convert.py: error:' line (exit 1, no traceback); a
+    broken metadata.json is named, and nothing is written."""
+    run = subprocess.run([sys.executable, "convert.py", "--artifact", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"convert.py: error: --artifact {tmp_path / 'nope'}: no such folder or file (an official "
+        f"artifact folder or a flat .safetensors)"]
+    art = tmp_path / "artifact"
+    shutil.copytree(ARTIFACT, art)
+    (art / "metadata.json").write_text('{"kind": "gen",')
+    with pytest.raises(ValueError, match="metadata.json: not valid JSON"):
+        convert.main(["--artifact", str(art), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_read_checkpoint_prefers_ema(tmp_path):
     """A training checkpoint holds weights and their EMA ("ema/"): readers return the EMA by
     default (as sampling and the frozen encoder need) and the raw weights on request."""
@@ -161,5 +191,5 @@ def test_read_checkpoint_prefers_ema(tmp_path):
     assert torch.equal(raw.y_embed.weight, model.y_embed.weight)
     assert not torch.equal(raw.y_embed.weight, got.y_embed.weight)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable"):
         load_checkpoint(str(tmp_path / "bad.safetensors"))

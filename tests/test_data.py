@@ -1,6 +1,8 @@
 """Tests of data.py's image side: the ImageNet-layout folder reader, the ADM center crop and the
 pixel models' RandomResizedCrop, and the on-demand ImageFolder source (the latent cache made from
-such a folder: tests/test_cache.py). The images are small generated PNG/JPEG files."""
+such a folder: tests/test_cache.py). The images are small generated PNG/JPEG files. Also the
+MNIST-5k csv reader's error messages."""
+import gzip
 import os
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 from data import ImageFolder, center_crop_arr, image_folder, random_resized_crop, to_tensor
 
 SIZE = 32                       # crop size of the tests (the paper: 256)
@@ -109,3 +112,47 @@ def test_image_folder_source(folder):
     assert any(torch.equal(y[0], p) or torch.equal(y[0], p.flip(2)) for p in plain)
     aug = ImageFolder(root, SIZE, augment=True, workers=2).get(idx, torch.Generator())
     assert aug.shape == x.shape and not torch.equal(aug, x)
+
+
+def test_class_with_no_readable_image_fails_at_construction(tmp_path):
+    """A class folder whose files all fail to decode is named when the source is built, not at
+    the training step that first draws it (a class with one readable file is fine)."""
+    for wnid, files in (("n01", ["a.png"]), ("n02", ["b.JPEG", "c.png"])):
+        os.makedirs(tmp_path / wnid)
+        for name in files:
+            (tmp_path / wnid / name).write_bytes(b"not an image")
+    picture(0, 8, 8).save(tmp_path / "n01" / "b.png")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="n02'? has no readable image"):
+        ImageFolder(str(tmp_path), SIZE, workers=2)
+
+
+# ------------------------------------------------------------------------------------------
+# MNIST-5k csv
+# ------------------------------------------------------------------------------------------
+def write_csv(path, lines):
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(",".join(map(str, r)) for r in lines) + "\n")
+
+
+@pytest.mark.parametrize("column, value, match", [
+    (5, "abc", "line 3, column 5 holds 'abc'"),
+    (9, 300, "line 3, column 9 holds '300'"),
+    (785, -1, "line 3, column 785 holds '-1'"),
+    (None, None, "line 3 has 700 columns"),
+])
+def test_mnist5k_names_the_first_bad_entry(tmp_path, monkeypatch, column, value, match):
+    """A bad value or a short row is reported by line, column and value; a good file is read by
+    the fast numpy parse alone (the slow scan never runs)."""
+    rows = [[i % 256] * 784 + [i % 10] for i in range(4)]
+    write_csv(tmp_path / "good.csv.gz", rows)
+    with monkeypatch.context() as m:
+        m.setattr(data, "_first_bad_entry", None)               # calling it would fail
+        images, labels = data.mnist5k(str(tmp_path / "good.csv.gz"))
+    assert images.shape == (4, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3]
+    if column is None:
+        rows[2] = rows[2][:700]
+    else:
+        rows[2][column - 1] = value
+    write_csv(tmp_path / "bad.csv.gz", rows)
+    with pytest.raises(ValueError, match=f"bad.csv.gz: expected .* but {match}"):
+        data.mnist5k(str(tmp_path / "bad.csv.gz"))

@@ -1,7 +1,10 @@
 """Tests of toy.py: the 2-D distributions, the energy distance, the toy run."""
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -45,7 +48,7 @@ def test_energy_distance():
 def test_short_toy_run_learns(tmp_path):
     """A short toy run moves q toward p: the energy distance falls far below that of the
     untrained generator, and the run writes its picture, strip, curves, weights and log."""
-    args = toy.parser.parse_args(["--steps", "150", "--batch", "256", "--n-pos", "256",
+    args = toy.parse_args(["--steps", "150", "--batch", "256", "--n-pos", "256",
                                   "--eval-n", "1000", "--frames", "0,150",
                                   "--out", str(tmp_path)])
     untrained = MLP()
@@ -61,3 +64,40 @@ def test_short_toy_run_learns(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["config"])["kind"] == "mlp"
     assert not os.path.exists(str(tmp_path / "model.safetensors.tmp"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--frames", "0,151"], "--frames"), (["--frames", "0,-5"], "--frames"),
+    (["--frames", "0,abc"], "--frames"), (["--steps", "0"], "--steps"),
+    (["--batch", "-1"], "--batch"), (["--n-pos", "0"], "--n-pos"), (["--eval-n", "0"], "--eval-n"),
+    (["--log-every", "0"], "--log-every"), (["--tau", "0"], "--tau"), (["--lr", "nan"], "--lr"),
+])
+def test_bad_flags_are_named_before_anything_is_written(tmp_path, capsys, argv, flag):
+    """A frame past --steps (which used to crash after log.txt, before the weights) or a count,
+    interval, tau or lr <= 0 is a usage error naming the flag; --out is not even created."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        toy.parse_args(["--steps", "150", "--out", str(out)] + argv)
+    assert e.value.code == 2 and f"error: {flag}" in capsys.readouterr().err
+    assert not out.exists()
+    assert toy.parse_args(["--steps", "150", "--out", str(out)]).frames    # default: dropped
+
+
+def test_a_run_in_out_is_not_replaced(tmp_path, capsys):
+    """--out holding a run (log.txt or model.safetensors) is refused, its files untouched, unless
+    --overwrite; other failures end in one 'toy.py: error:' line, not a traceback."""
+    for name in ("log.txt", "model.safetensors"):
+        run = tmp_path / name.split(".")[0]
+        os.makedirs(run)
+        (run / name).write_text("another run")
+        with pytest.raises(SystemExit):
+            toy.parse_args(["--out", str(run)])
+        assert "pass --overwrite or a new --out" in capsys.readouterr().err
+        assert (run / name).read_text() == "another run"
+        assert toy.parse_args(["--out", str(run), "--overwrite"]).overwrite
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run([sys.executable, "toy.py", "--out", str(tmp_path / "file")],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("toy.py: error: [Errno 17]")
