@@ -226,7 +226,8 @@ def resumed_args(parser, argv, args):
     was, unset = meta.get("args", {}), object()     # typed: what this command line sets itself
     typed = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset))))
     typed = {k: v for k, v in typed.items() if v is not unset}
-    changed = {k: v for k, v in typed.items() if k in was and was[k] != v}
+    changed = {k: v for k, v in typed.items() if k in was and was[k] != v and k not in (
+        "resume", "change_args", "overwrite", "out")}
     said = lambda keys: ", ".join(f"--{k.replace('_', '-')} {was[k]} -> {changed[k]}"
                                   for k in keys)
     defining = [k for k in changed if k not in FREE]
@@ -334,7 +335,7 @@ def main(argv=None):
         held_idx = held_idx[::max(1, len(held_idx) // 1000)]  # evaluate at most ~1000 items
         cfg = MAEConfig(**MAE_models[args.mae_model])
         if shape[0] != cfg.in_channels or labels.max() >= cfg.num_classes:
-            raise ValueError(f"--data {args.data} holds {shape} samples of {labels.max() + 1} "
+            raise ValueError(f"--data {args.data} holds {shape} samples of {int(labels.max()) + 1} "
                              f"classes; --mae-model {args.mae_model} takes {cfg.in_channels} "
                              f"channels and {cfg.num_classes} classes (latents: latent_256 / "
                              f"latent_640; MNIST: mnist)")
@@ -354,7 +355,7 @@ def main(argv=None):
                              f"the {world} ranks (each class group lives whole on one rank)")
         want = (cfg.in_channels, cfg.input_size, cfg.input_size)
         if shape != want or labels.max() >= cfg.num_classes:
-            raise ValueError(f"--data {args.data} holds {shape} samples of {labels.max() + 1} "
+            raise ValueError(f"--data {args.data} holds {shape} samples of {int(labels.max()) + 1} "
                              f"classes; --model {args.model} makes {want} of {cfg.num_classes} "
                              f"classes (MNIST: --model S4)")
         if not args.mae_ckpt or not os.path.exists(args.mae_ckpt):
@@ -364,6 +365,10 @@ def main(argv=None):
                              f"(MNIST, CPU: ~5 min), or convert an official MAE with convert.py")
         phi = mae_from_state(*read_checkpoint(args.mae_ckpt, "mae")[:2], encoder_only=True)
         phi = phi.to(device).requires_grad_(False).eval()      # frozen; x still gets grads
+        if phi.cfg.in_channels != cfg.in_channels:
+            raise ValueError(f"--mae-ckpt {args.mae_ckpt}: an MAE of {phi.cfg.in_channels}-"
+                             f"channel inputs; --model {args.model} makes {cfg.in_channels} "
+                             f"channels: pass the MAE trained on this --data")
         if (args.model in ("B16", "L16") and not args.convnext) or (
                 args.convnext and cfg.in_channels != 3):
             raise ValueError(f"--model {args.model} with --convnext {args.convnext}: the pixel "
@@ -589,11 +594,14 @@ def cli(argv=None):
         signal.signal(s, on_signal)
     try:
         main(argv)
-    except (ValueError, OSError, FloatingPointError, dist.DistError) as e:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, (OSError, dist.DistError)):
-            print(f"train.py: error: {e}" + (f" (no answer from a peer within --ddp-timeout; "
-                  f"the last checkpoint stands, continue with --resume)" if isinstance(
-                      e, dist.DistError) else ""), file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+        peer = isinstance(e, dist.DistError) or "Timed out" in str(e)     # gloo's timeout
+        if isinstance(e, RuntimeError) and not peer:
+            raise                                       # a bug: keep its traceback
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, OSError) or peer:
+            print(f"train.py: error: {e}" + (" (a peer did not answer within --ddp-timeout: "
+                  "frozen or dead; the last checkpoint stands, continue with --resume)"
+                  if peer else ""), file=sys.stderr)
         sys.exit(1)
 
 
