@@ -116,7 +116,7 @@ def make_parser(recipe):
     p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--stage", choices=["gen", "mae"], default="gen", help="what to train")
-    a("--model", choices=[k for k in RECIPES if k != "mae"], default="S4",
+    a("--model", choices=[k for k in RECIPES if not k.startswith("mae")], default="S4",
       help="gen: DriftDiT preset and its recipe (ablation = B2 size, Tab. 8 ablation recipe)")
     a("--out", help="run folder (log, pictures, checkpoint)")
     a("--data", help=f"one of {DATA}: built-in digits, a cache.py folder, an image folder")
