@@ -7,6 +7,7 @@ Benchmarks, printed as Markdown tables with the command line and the machine in 
   python bench.py --only models   # generator forward+backward of the tiny presets
   python bench.py --only train    # one train.py --stage gen step of the tiny CPU presets
   python bench.py --only sample   # sample.py one-step sampling, samples/s of the tiny presets
+  python bench.py --only gpu --out gpu.md   # B2, L2 at the paper's per-GPU batch on one GPU
   python bench.py --threads 1     # one torch thread (a machine shared with other jobs)
   python bench.py --baseline old_field.py   # + another field.py's drift_loss in loss and train
 
@@ -314,10 +315,230 @@ def bench_sample(batch=64):
               f"{t * 1e3:.0f} | {batch / t:.0f} |")
 
 
+# ------------------------------------------------------------------------------------------
+# The GPU table: the paper-size train step on one device (`--only gpu`; tiny presets on a CPU)
+# ------------------------------------------------------------------------------------------
+GPU_MAE = {"B2": "latent_640", "L2": "latent_640", "S2": "tiny"}   # the recipes' encoders
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def dit_flops(cfg):
+    """Forward matmul FLOPs of DriftDiT per sample (2 per multiply-add; norms, RoPE, adds not
+    counted). T = (H/p)^2 patch tokens, N = K + T tokens, H_m the SwiGLU width, L blocks:
+      2 [T p^2 C_in D  (x_embed)  +  Dc D (cls_proj)  +  256 Dc + Dc^2 (alpha MLP)
+         + L (6 Dc D (adaLN) + 4 N D^2 (qkv, proj) + 2 N^2 D (QK^T, AV) + 3 N D H_m (SwiGLU))
+         + 2 Dc D + N D p^2 C_out  (final adaLN and linear, on all N tokens)]"""
+    D, Dc, p, L = cfg.hidden_size, cfg.cond_dim, cfg.patch_size, cfg.depth
+    T = (cfg.input_size // p) ** 2
+    N, Hm = cfg.n_cls_tokens + T, (int(2 / 3 * int(D * cfg.mlp_ratio)) + 31) // 32 * 32
+    return 2 * (T * p * p * cfg.in_channels * D + Dc * D + 256 * Dc + Dc * Dc
+                + L * (6 * Dc * D + 4 * N * D * D + 2 * N * N * D + 3 * N * D * Hm)
+                + 2 * Dc * D + N * D * p * p * cfg.out_channels)
+
+
+def mae_flops(cfg, size):
+    """Forward conv FLOPs of the MAE encoder per sample on a size x size input (before input
+    patching). C = p^2 C_img channels on an h = size/p grid; stage i has width D_i = C_0 2^i on
+    h_i = ceil(h_{i-1} / 2) (h_0 = h), its first block strides 2 for i > 0:
+      2 [9 C C_0 h^2  (stem)  +  sum_i (9 D_in D_i h_i^2 + 9 D_i^2 h_i^2 (first block)
+         + [i > 0] D_{i-1} D_i h_i^2 (1x1 projection) + (n_i - 1) 18 D_i^2 h_i^2)]"""
+    h, c = size // cfg.input_patch_size, cfg.in_channels * cfg.input_patch_size ** 2
+    total, d_in = 9 * c * cfg.base_channels * h * h, cfg.base_channels
+    for i, n in enumerate(cfg.layers):
+        d = cfg.base_channels * 2 ** i
+        h = (h - 1) // 2 + 1 if i > 0 else h
+        total += 9 * d_in * d * h * h + 9 * d * d * h * h + (d_in * d * h * h if i > 0 else 0)
+        total += (n - 1) * 18 * d * d * h * h
+        d_in = d
+    return 2 * total
+
+
+def step_flops(cfg, mae_cfg, n_gen, n_real):
+    """Model FLOPs of one generator step: generator forward + backward (3x its forward), the
+    encoder on the generated samples forward + input-gradient backward (2x: frozen weights),
+    on the real ones forward only. The drift loss's matmuls are left out (timed apart)."""
+    return 3 * n_gen * dit_flops(cfg) + (2 * n_gen + n_real) * mae_flops(mae_cfg, cfg.input_size)
+
+
+def sdpa_op(fn):
+    """The aten scaled_dot_product_attention kernel `fn()` dispatches to (profiler op names:
+    ..._flash_attention, ..._efficient_attention, ..._cudnn_attention, ..._attention_math)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot")}
+    return ", ".join(sorted(n[len("aten::_scaled_dot_product_"):] for n in names)) or "none"
+
+
+def bench_gpu(device, presets, steps=3, compile_check=True, out=None):
+    """Per preset: the paper's per-GPU share (groups / 8), halved until it fits; `steps` warm
+    steps of train.py's loop body timed by phase (CUDA events; perf_counter on a CPU), peak
+    memory, MFU from step_flops, the SDPA kernel (eager and torch.compile), then a 1-process
+    torchrun step of train.py. Random weights and data: nothing to download."""
+    import train
+    from data import TensorSampler, draw_groups
+    from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models, update_ema
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    lines = [f"### Train step on one {name} ({'bf16 autocast' if cuda else 'fp32, CPU'}, "
+             f"random weights, median of {steps} warm steps)\n",
+             "| preset | MAE | groups x (gen, pos, unc) | step s | gen img/s | peak GB | MFU "
+             "| gen fwd | encoder fwd | drift loss | backward | optimizer | SDPA | SDPA, "
+             "compiled |", "|---" * 14 + "|"]
+    print("\n".join(lines))
+    for preset in presets:
+        args = train.parse_args(["--model", preset, "--data-path", "unused"])   # its recipe
+        cfg = DriftDiTConfig(**DriftDiT_models[preset])
+        mae_cfg = MAEConfig(**MAE_models[GPU_MAE[preset]])
+        torch.manual_seed(0)
+        with device:                            # initialized where it runs: no CPU copy
+            model, mae = DriftDiT(cfg), MAEResNet(mae_cfg, with_heads=False)
+        mae.eval().requires_grad_(False)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                weight_decay=args.weight_decay, fused=cuda)
+        amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
+        n_groups = max(1, args.n_classes_per_step // 8)
+        images = torch.randn(64 * cfg.num_classes if cfg.num_classes <= 16 else 4096,
+                             cfg.in_channels, cfg.input_size, cfg.input_size)
+        sampler = TensorSampler(images, torch.arange(len(images)) % cfg.num_classes, 0)
+        t = {}                                  # phase -> [(start, end)] of this step
+
+        def timed(phase, fn):
+            def run(*a, **kw):
+                start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+                if cuda:
+                    start.record()
+                y = fn(*a, **kw)
+                end = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+                if cuda:
+                    end.record()
+                t.setdefault(phase, []).append((start, end))
+                return y
+            return run
+
+        gen = timed("gen fwd", model)
+        phi = timed("encoder fwd", lambda x: feature_groups(mae, x, **ACTIVATION_KWARGS))
+        loss_fn = timed("drift loss", field.drift_loss)
+
+        def optimize():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, args.ema)
+
+        def step(s, groups):                    # train.py's loop body, timed by phase
+            t.clear()
+            batch = [x.to(device) for x in draw_groups(sampler, cfg, args, s, range(groups))]
+
+            def body():
+                with amp:
+                    loss = train.generator_loss(gen, phi, *batch, taus=args.taus,
+                                                drift_loss=loss_fn)[0]
+                timed("backward", loss.backward)()
+                timed("optimizer", optimize)()
+            timed("step", body)()
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = lambda a, b: a.elapsed_time(b) / 1e3 if cuda else b - a
+            return {k: sum(seconds(a, b) for a, b in v) for k, v in t.items()}
+
+        while True:                             # the per-GPU share, halved until it fits
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                step(0, n_groups)
+                runs = [step(s + 1, n_groups) for s in range(steps)]
+                break
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                t.clear()
+                torch.cuda.empty_cache()
+                if n_groups == 1:
+                    raise
+                n_groups //= 2
+        med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+        n_gen, n_real = n_groups * args.gen_per_label, n_groups * (args.n_pos + args.n_unc)
+        mfu = step_flops(cfg, mae_cfg, n_gen, n_real) / med["step"] / peak if peak else None
+        mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if cuda else "n/a"
+        share = lambda k: f"{100 * med.get(k, 0) / med['step']:.0f}%"
+        x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+
+        def forward(m):
+            with torch.no_grad(), amp:
+                m(x, torch.zeros(len(x), dtype=torch.long, device=device), 1.0)
+        eager = sdpa_op(lambda: forward(model))
+        compiled = "skipped"
+        if compile_check:
+            t0 = time.perf_counter()
+            try:
+                fast = torch.compile(model)
+                forward(fast)                       # the compile itself
+                compiled = f"{sdpa_op(lambda: forward(fast))} (compiled in "
+                compiled += f"{time.perf_counter() - t0:.0f} s)"
+            except Exception as e:              # report, do not stop the table
+                compiled = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        lines.append(
+            f"| {preset} | {GPU_MAE[preset]} | {n_groups} x ({args.gen_per_label}, {args.n_pos},"
+            f" {args.n_unc}) | {med['step']:.3f} | {n_gen / med['step']:.0f} | {mem} | "
+            + (f"{100 * mfu:.1f}%" if mfu else "n/a") + " | "
+            + " | ".join(share(k) for k in ("gen fwd", "encoder fwd", "drift loss", "backward",
+                                            "optimizer")) + f" | {eager} | {compiled} |")
+        print(lines[-1], flush=True)
+        del model, mae, ema, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    lines.append("\nMFU: step_flops (bench.py) over the step time and the GPU's dense bf16 "
+                 "peak; the phase shares are of the step time (encoder fwd: real and generated "
+                 "features; backward: generator and encoder together).")
+    lines.append(torchrun_smoke(device))
+    text = "\n".join(lines)
+    print(lines[-1])
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return text
+
+
+def torchrun_smoke(device):
+    """A 2-step `torchrun --nproc_per_node=1 train.py --model S4` (NCCL on a GPU, gloo on a
+    CPU) on MNIST-5k with a random tiny MAE: the DDP path starts, steps and checkpoints."""
+    import tempfile
+    from encoder import MAEConfig, MAE_models, MAEResNet
+    from models import save_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        mae = os.path.join(d, "mae.safetensors")
+        save_checkpoint(MAEResNet(MAEConfig(**MAE_models["mnist"]), with_heads=False), mae,
+                        kind="mae")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=1", "train.py", "--model", "S4", "--mae-ckpt", mae, "--out",
+               os.path.join(d, "run"), "--steps", "2", "--log-every", "1", "--device",
+               device.type]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=300)
+        ok = res.returncode == 0 and os.path.exists(os.path.join(d, "run", "model.safetensors"))
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    return (f"\n1-process torchrun ({backend}) of `train.py --model S4`, 2 steps + checkpoint: "
+            + (f"ok in {time.perf_counter() - t0:.0f} s" if ok else
+               f"FAILED (exit {res.returncode}): {res.stderr[-500:]}"))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Drifting benchmarks")
-    parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample"],
-                        help="one table only")
+    parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample", "gpu"],
+                        help="one table only (gpu: not in the default set)")
+    parser.add_argument("--device", default="cuda", help="gpu table: cuda, or cpu (tiny presets)")
+    parser.add_argument("--presets", nargs="+", help="gpu table: DriftDiT presets "
+                        "(default: B2 L2 on cuda, S2 on cpu)")
+    parser.add_argument("--steps", type=int, default=3, help="gpu table: timed warm steps")
+    parser.add_argument("--no-compile", action="store_true", help="gpu table: skip the "
+                        "torch.compile SDPA check")
+    parser.add_argument("--out", help="gpu table: also write it to this file")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default, one per core)")
     parser.add_argument("--baseline", help="another field.py whose drift_loss is timed beside "
@@ -344,3 +565,7 @@ if __name__ == "__main__":
         bench_train(args.baseline)
     if args.only in (None, "sample"):
         bench_sample()
+    if args.only == "gpu":
+        bench_gpu(args.device, args.presets or (["B2", "L2"] if args.device == "cuda" else
+                                                ["S2"]), args.steps, not args.no_compile,
+                  args.out)
