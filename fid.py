@@ -17,6 +17,7 @@ Ref:      python fid.py ref --weights W.pth --data mnist5k --out mnist5k_stats.n
 Calc:     python fid.py calc --weights W.pth --samples samples.npz --ref ref_stats.npz [--is]
 Floor:    python fid.py ref --weights W.pth --data mnist5k-b --out b.npz   # half vs half
           python fid.py calc --weights W.pth --data mnist5k-a --ref b.npz
+Steps:    python fid.py steps --weights W.pth --run runs/gen_mnist --ref b.npz  # FID vs step
 DDP:      torchrun --nproc_per_node=8 fid.py calc ...   (same numbers as 1 process)
 """
 import argparse
@@ -382,6 +383,32 @@ def load_stats(path):
     return mu, sigma
 
 
+def fid_vs_step(run, net, mu_r, sigma_r, per_class, alpha, batch, device):
+    """The EMA snapshots of a train.py run (--snapshot-every) -> [(step, FID)]: per snapshot
+    per_class samples of each class drawn as `sample.py --num-samples` draws them (sample i:
+    label i % K, seed (0, i)), so a row equals sample.py + `fid.py calc` on that snapshot."""
+    from models import load_checkpoint, read_metadata
+    from sample import decode, generate
+    snaps = sorted(glob.glob(os.path.join(run, "snapshots", "ema_*.safetensors")))
+    if not snaps:
+        raise FileNotFoundError(f"{run}/snapshots: no EMA snapshots; train with "
+                                f"`train.py --snapshot-every N` (the S4 recipe keeps them)")
+    rows = []
+    for path in snaps:
+        model = load_checkpoint(path, device)
+        if model.cfg.out_channels not in (1, 3):
+            raise ValueError(f"{path}: a latent model; decode its samples with sample.py --vae "
+                             f"and use `fid.py calc`")
+        K = model.cfg.num_classes
+        get = lambda ix: decode(generate(model, list(ix), torch.tensor(ix) % K, alpha, 0,
+                                         device)).numpy()
+        mu, sigma, _ = inception_stats(net, get, K * per_class, batch, device)
+        rows.append((int(read_metadata(path)[1]["step"]), fid_from_stats(mu, sigma, mu_r,
+                                                                         sigma_r)))
+        print(f"step {rows[-1][0]}: FID {rows[-1][1]:.2f}", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,  # --help shows the commands
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,9 +418,15 @@ def main():
     c.add_argument("--out", required=True, help="the .pth to write (features only, no IS)")
     ref = sub.add_parser("ref", help="images -> reference stats .npz")
     calc = sub.add_parser("calc", help="FID (and IS) of images against reference stats")
-    for q in ref, calc:
+    steps = sub.add_parser("steps", help="a run's EMA snapshots -> FID vs step (table + PNG)")
+    steps.add_argument("--run", required=True, help="train.py run folder with snapshots/")
+    steps.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
+    steps.add_argument("--per-class", type=int, default=250, help="samples per class")
+    steps.add_argument("--alpha", type=float, default=1.0, help="CFG scale of the samples")
+    for q in ref, calc, steps:
         q.add_argument("--weights", required=True, help="pt_inception-2015-12-05-*.pth")
         q.add_argument("--batch", type=int, default=100, help="images per forward, per rank")
+    for q in ref, calc:
         src = q.add_mutually_exclusive_group(required=True)
         src.add_argument("--samples", "--images", dest="images",
                          help="image folder or .npz (uint8 NHWC arr_0, e.g. from sample.py)")
@@ -406,6 +439,8 @@ def main():
     args = p.parse_args()
     if args.cmd != "convert-weights" and args.batch <= 0:
         p.error(f"--batch {args.batch}: must be > 0")
+    if args.cmd == "steps" and (args.per_class < 1 or not np.isfinite(args.alpha)):
+        p.error(f"--per-class {args.per_class} must be >= 1 and --alpha {args.alpha} finite")
     if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
         p.error(f"--out {args.out}: the stats file is an .npz; name it e.g. ref_stats.npz")
     if args.cmd == "ref" and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -422,7 +457,23 @@ def main():
     master = not ddp or dist.get_rank() == 0
     want_is = args.cmd == "calc" and args.inception_score
     # Every input is checked before the long pass: fail in seconds, not after it
-    mu_r, sigma_r = load_stats(args.ref) if args.cmd == "calc" else (None, None)
+    mu_r, sigma_r = load_stats(args.ref) if args.cmd in ("calc", "steps") else (None, None)
+    if args.cmd == "steps":
+        from sample import save_curves
+        if not os.path.isdir(os.path.join(args.run, "snapshots")):
+            raise FileNotFoundError(f"{args.run}/snapshots: no such folder; train with "
+                                    f"`train.py --snapshot-every N`")
+        rows = fid_vs_step(args.run, load_inception(args.weights, device), mu_r, sigma_r,
+                           args.per_class, args.alpha, args.batch, device)
+        if master:
+            table = "| step | FID |\n|---|---|\n" + "".join(f"| {s} | {f:.2f} |\n" for s, f in rows)
+            with open(os.path.join(args.run, "fid_steps.md"), "w") as f:
+                f.write(table)
+            save_curves(os.path.join(args.run, "fid_steps.png"), {
+                f"FID, {args.per_class}/class EMA samples vs {args.ref}": tuple(zip(*rows))},
+                title=f"FID vs step: {args.run}", ylabel="FID")
+            print(table + f"wrote {args.run}/fid_steps.md, fid_steps.png")
+        return
     get, n = open_images(args.images, args.data)
     if want_is and n < IS_SPLITS:
         raise ValueError(f"{args.images or args.data}: {n} images; --is needs at least "

@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -41,7 +42,8 @@ from cache import CACHE_MAKE, LatentCache
 from convnext import ConvNeXt_models, convnext_from_hf, pixel_feature_groups
 from data import ImageFolder, TensorSampler, draw_groups, mnist5k, split_per_class, subset, take
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
-                     mae_eval, mae_from_state, mae_picture)
+                     mae_eval, mae_from_state, mae_picture, patchify)
+from fid import fid_from_stats
 import field
 import field_fast
 from models import (DriftDiT, DriftDiT_models, DriftDiTConfig, load_training_checkpoint,
@@ -79,7 +81,8 @@ RECIPES = {
     "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=1000, n_classes_per_step=10,
                gen_per_label=16, n_pos=16, n_unc=4, lr=2e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0, mae_ckpt="runs/mae_mnist",
-               device="cpu", log_every=20, ckpt_every=100, sample_every=50, fast_loss=True),
+               device="cpu", log_every=20, ckpt_every=100, sample_every=50, fast_loss=True,
+               eval_every=100, snapshot_every=250),
     "S2": dict(data="latents", out="runs/S2", steps=1000, n_classes_per_step=8,
                gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0),
@@ -92,10 +95,12 @@ DATA = ["mnist5k", "latents", "images"]
 # --resume: flags that may differ from the run's recorded ones (schedule length, logging,
 # where it runs); any other change needs --change-args, as the run would stop being the same.
 FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
-        "ddp_timeout", "out", "resume", "overwrite", "change_args"}
+        "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every"}
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
             "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
-NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac"]
+NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
+                "eval_every", "snapshot_every"]
+POSITIVE += ["eval_n"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -151,7 +156,8 @@ def make_parser(recipe):
     g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
     g("--cls-lambda", type=float, default=0.1, help="final lambda of lam*CE + (1-lam)*L_rec")
-    g("--holdout", type=int, default=50, help="digits per class held out for the evaluation")
+    g("--holdout", type=int, default=50, help="samples per class held out for the evaluation "
+      "(mae: the final one; gen: FD_MAE with --eval-every)")
     g = p.add_argument_group("--stage gen (Alg. 1, App. A.6-A.9)").add_argument
     g("--n-classes-per-step", type=int, help="N_c groups per step, all ranks (official "
       "train_batch_size)")
@@ -168,6 +174,11 @@ def make_parser(recipe):
       "model.safetensors), the second encoder")
     g("--convnext-model", choices=list(ConvNeXt_models), default="base", help="its preset")
     g("--sample-every", type=int, default=5000, help="EMA sample grid every N steps; 0 = end")
+    g("--eval-every", type=int, default=0, help="every N steps: FD_MAE of --eval-n EMA samples "
+      "per class vs --holdout held-out real ones per class (then not trained on); 0 = off")
+    g("--eval-n", type=int, default=50, help="EMA samples per class of the FD_MAE metric")
+    g("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps in "
+      "snapshots/ (fid.py steps: FID vs step); 0 = off (small models only)")
     g("--sample-alpha", type=float, default=1.0, help="alpha of the grid")
     p.set_defaults(**recipe)
     return p
@@ -200,6 +211,9 @@ def parse_args(argv=None):
         v = getattr(args, k)
         if v is not None and not (v > 0 if k in POSITIVE else v >= 0):
             parser.error(f"--{k.replace('_', '-')} {v}: must be {'>' if k in POSITIVE else '>='} 0")
+    if args.eval_every % args.log_every:
+        parser.error(f"--eval-every {args.eval_every} must be a multiple of --log-every "
+                     f"{args.log_every} (its value goes into that log row)")
     if not 0 <= args.ema < 1 or min(args.taus) <= 0:
         parser.error(f"--ema {args.ema} must be in [0, 1) and --taus {args.taus} > 0")
     if args.data not in DATA:
@@ -294,6 +308,20 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
     return loss, per_group, V2
 
 
+@torch.no_grad()
+def mae_pooled(phi, x, batch=250):
+    """x (n, C, H, W) -> (n, D) float64: the frozen MAE's last map (layer4) averaged over its
+    grid, the features of the FD_MAE progress metric."""
+    f = [phi.encoder(patchify(x[i:i + batch], phi.cfg.input_patch_size))[0]["layer4"]
+         for i in range(0, len(x), batch)]                     # (b, D, h, w) each
+    return torch.cat(f).mean((2, 3)).double().cpu().numpy()
+
+
+def frechet(a, b):
+    """Frechet distance of Gaussians fitted to feature sets a (n, D) and b (m, D)."""
+    return fid_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
 # --- Main: DDP init, data, models, optimizer, then the loop ---
 def main(argv=None):
     args = parse_args(argv)
@@ -379,10 +407,23 @@ def main(argv=None):
             phi = lambda x: pixel_feature_groups(mae, convnext, x, **ACTIVATION_KWARGS)
         torch.manual_seed(args.seed)                            # the same init on every rank
         model = DriftDiT(cfg)
+        if args.eval_every:             # the metric's real samples are held out of training
+            if not isinstance(phi, MAEResNet):
+                raise ValueError("--eval-every: FD_MAE needs an MAE encoder alone (not the "
+                                 "pixel models' MAE + ConvNeXt); pass --eval-every 0")
+            if args.holdout >= labels.bincount().min():
+                raise ValueError(f"--holdout {args.holdout}: --data {args.data} has "
+                                 f"{labels.bincount().min()} samples in its smallest class, "
+                                 f"none would be left to train on; pass a smaller --holdout "
+                                 f"or --eval-every 0")
+            train_idx, held_idx = split_per_class(labels, args.holdout)
+            real = mae_pooled(phi, take(images, held_idx, torch.Generator()).to(device))
+            images, labels = subset(images, train_idx), labels[train_idx]
         sampler, streams = TensorSampler(images, labels, args.seed), {}
         per_rank = args.n_classes_per_step // world
         mine = range(rank * per_rank, (rank + 1) * per_rank)    # this rank's global groups
-        info_data = dict(mae=args.mae_ckpt, convnext=args.convnext)
+        info_data = dict(mae=args.mae_ckpt, convnext=args.convnext,
+                         holdout=args.holdout if args.eval_every else None)
     meta = dict(kind=args.stage, config=json.dumps(asdict(cfg)), args=json.dumps(vars(args)),
                 data=json.dumps(dict(data=args.data, path=args.data_path, **info_data)))
     if master:
@@ -420,14 +461,20 @@ def main(argv=None):
     amp = torch.autocast(device.type, torch.bfloat16,
                          enabled=device.type == "cuda" and args.precision == "bf16")
     log, ckpt = os.path.join(args.out, "log.txt"), os.path.join(args.out, "model.safetensors")
+    jsonl = os.path.join(args.out, "log.jsonl")
     if master:                      # the folder is made now that every input has been checked
         os.makedirs(args.out, exist_ok=True)
         if args.overwrite and not args.resume and os.path.exists(ckpt):
             os.remove(ckpt)                                     # --overwrite: the old run goes
         if os.path.exists(ckpt + ".tmp"):
             os.remove(ckpt + ".tmp")                            # a save killed half-way
+        if args.snapshot_every:
+            os.makedirs(os.path.join(args.out, "snapshots"), exist_ok=True)
         if not args.resume:
             open(log, "w").close()                              # a fresh run, a fresh log
+        rows = open(jsonl).readlines() if args.resume and os.path.exists(jsonl) else []
+        with open(jsonl, "w") as f:                             # rows after the checkpoint go:
+            f.writelines(r for r in rows if json.loads(r)["step"] <= start)   # they rerun
 
     def losses(model, batch, step):
         """The stage's loss on one step's batch -> (loss, {name: logged value})."""
@@ -478,13 +525,19 @@ def main(argv=None):
             lab = sampler.classes[:10].repeat_interleave(10)    # a row per class, fixed seeds
             x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
             save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"), scale=2)
+        if master and args.stage == "gen" and args.snapshot_every and (
+                done % args.snapshot_every == 0):               # EMA only: fid.py steps
+            save_checkpoint(ema, os.path.join(args.out, "snapshots", f"ema_{done:07d}"
+                                              ".safetensors"), step=done)
         stopping = bool(STOP)       # SIGINT / SIGTERM seen (cli's handler): save, then exit
         if ddp:                     # all ranks stop after the same step (a 1-number all_reduce)
             flag = torch.tensor([float(stopping)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = flag.item() > 0
         save_now = stopping or done % args.ckpt_every == 0 or done == args.steps
-        if done % args.log_every and not save_now:
+        eval_now = args.stage == "gen" and args.eval_every > 0 and (
+            done % args.eval_every == 0 or done == args.steps)
+        if done % args.log_every and not (save_now or eval_now):
             continue
         avg = torch.stack(list(sums.values())) / n                  # one all_reduce per line
         if ddp:
@@ -494,16 +547,28 @@ def main(argv=None):
             # NOTE: checked at log/checkpoint steps only (a per-step check would sync every
             # step); no checkpoint is written after the bad step, so the last one stays good.
             raise stopped(f"non-finite loss or gradient in steps {done - n + 1}..{done} ({avg})")
+        img_s = n * args.batch / (time.time() - t0)
+        if eval_now and master:     # EMA samples of fixed seeds vs the held-out digits
+            lab = sampler.classes.repeat_interleave(args.eval_n)
+            x = torch.cat([generate(ema, list(range(len(lab)))[i:i + 250], lab[i:i + 250],
+                                    args.sample_alpha, 2, device)
+                           for i in range(0, len(lab), 250)])           # (K eval_n, C, H, W)
+            avg["fd_mae"] = frechet(mae_pooled(phi, x), real)
         mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
         extra = " | ".join(f"{k} {v:.4g}" for k, v in avg.items() if k not in ("loss", "gnorm"))
         line = (f"step {done:07d} | loss {avg['loss']:.4f} | {extra} | gnorm {avg['gnorm']:.2f} "
-                f"| lr {lr:.2e} | {n * args.batch / (time.time() - t0):.0f} img/s | {mem:.2f} GB")
+                f"| lr {lr:.2e} | {img_s:.0f} img/s | {mem:.2f} GB")
         history.append(dict(step=done, **avg))
         if master:
             bar.write(line)
             with open(log, "a") as f:
                 print(line, file=f)
+            with open(jsonl, "a") as f:            # the same line for programs: log.jsonl
+                row = dict(step=done, **avg, lr=lr, img_s=round(img_s, 1), gb=round(mem, 3))
+                if args.eval_every:
+                    row.setdefault("fd_mae", None)
+                print(json.dumps(row), file=f)
         if save_now:
             # The update must have left usable weights: every weight and EMA tensor finite, and
             # the updated weights' loss on this step's batch finite (weights of 1e30 are finite,
@@ -548,6 +613,12 @@ def main(argv=None):
         save_curves(os.path.join(args.out, "loss.png"), {f"tau {t}": (steps_logged, [
             h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
             f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
+        fd = [(h["step"], h["fd_mae"]) for h in history if "fd_mae" in h]
+        if fd:                      # the metric that moves while V^2 stays flat
+            save_curves(os.path.join(args.out, "fd_mae.png"), {
+                f"FD_MAE, {args.eval_n}/class EMA vs {args.holdout}/class held out": zip(*fd)},
+                title=f"DriftDiT {args.model} on {args.data}: progress",
+                ylabel="Frechet distance, MAE layer-4 features")
     if master and args.stage == "mae":   # held-out items, fixed masks, vs the mean image
         pick = lambda idx: take(images, idx, torch.Generator()).to(device)
         x_held, mean_image = pick(held_idx), pick(train_idx[::len(train_idx) // 5000 + 1]).mean(0)
@@ -568,7 +639,8 @@ def main(argv=None):
             save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
                       os.path.join(args.out, "mae.png"), scale=3)
     if master:
-        print(f"wrote {ckpt} (step {args.steps}), log.txt and pictures")
+        print(f"wrote {ckpt} (step {args.steps}) and in {args.out}: " + ", ".join(sorted(
+            f for f in os.listdir(args.out) if f.endswith((".png", ".txt", ".jsonl")))))
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()

@@ -116,7 +116,8 @@ def main(work):
     first = ["--model", "S4", "--data-path", data, "--mae-ckpt", mae, "--out", base,
              "--n-classes-per-step", "2", "--gen-per-label", "4", "--n-pos", "3", "--n-unc",
              "2", "--warmup", "1", "--lr", "1e-3", "--log-every", "1", "--ckpt-every", "1",
-             "--sample-every", "0", "--device", "cpu", "--steps", str(BASE)]
+             "--sample-every", "0", "--device", "cpu", "--eval-every", "0", "--snapshot-every", "0",
+             "--steps", str(BASE)]
     assert child(first, os.path.join(work, "base.log")) == 0, open(work + "/base.log").read()
     resume = lambda run: ["--resume", "--out", run, "--steps", str(END)]   # recorded flags
     ref = os.path.join(work, "ref")

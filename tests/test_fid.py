@@ -310,3 +310,37 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
         fid.cli()
     assert e.value.code == 1 and capsys.readouterr().err == ""
     assert os.listdir(tmp_path) == ["junk.npz"]
+
+
+def test_fid_vs_step_of_snapshots_equals_sample_then_calc(tmp_path, monkeypatch, capsys):
+    """`fid.py steps`: one row per EMA snapshot, in step order, each the FID that sample.py's
+    --num-samples draws (sample i: label i % K, seed (0, i)) give through `calc`; the table
+    and the PNG are written into the run (a stand-in network for the Inception)."""
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models, save_checkpoint
+    import sample
+    os.makedirs(tmp_path / "run" / "snapshots")
+    torch.manual_seed(0)
+    model = DriftDiT(DriftDiTConfig(**DriftDiT_models["S4"])).eval()
+    for step in (20, 10):                                # written out of order
+        with torch.no_grad():
+            model.final.linear.weight.normal_(0, 0.02 * step)
+        save_checkpoint(model, tmp_path / "run" / "snapshots" / f"ema_{step:07d}.safetensors",
+                        step=step)
+    net = LinearFeatures()
+    ref = np.random.default_rng(1).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
+    mu_r, sigma_r, _ = fid.inception_stats(net, lambda ix: ref[ix], len(ref), 10)
+    rows = fid.fid_vs_step(str(tmp_path / "run"), net, mu_r, sigma_r, 2, 1.0, 7, "cpu")
+    assert [s for s, _ in rows] == [10, 20]
+    with torch.no_grad():                                # step 10's weights: the model now
+        x = sample.decode(sample.generate(model, list(range(20)), torch.arange(20) % 10, 1.0,
+                                          0, "cpu")).numpy()
+    mu, sigma, _ = fid.inception_stats(net, lambda ix: x[ix], 20, 20)
+    assert rows[0][1] == pytest.approx(fid.fid_from_stats(mu, sigma, mu_r, sigma_r), rel=1e-9)
+    assert rows[0][1] != pytest.approx(rows[1][1])
+    np.savez(tmp_path / "ref.npz", mu=mu_r, sigma=sigma_r)
+    monkeypatch.setattr(fid, "load_inception", lambda path, device="cpu": net)
+    monkeypatch.setattr(fid, "load_stats", lambda path: (mu_r, sigma_r))
+    out = cli(monkeypatch, capsys, "steps", "--weights", "W", "--run", str(tmp_path / "run"),
+              "--ref", str(tmp_path / "ref.npz"), "--per-class", "2", "--batch", "7")
+    assert "| 10 |" in out and (tmp_path / "run" / "fid_steps.png").stat().st_size > 0
+    assert (tmp_path / "run" / "fid_steps.md").read_text().count("\n") == 4

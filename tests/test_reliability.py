@@ -39,7 +39,7 @@ def gen_args(files, out, *extra):
             str(files / "mae.safetensors"), "--out", str(out), "--n-classes-per-step", "2",
             "--gen-per-label", "4", "--n-pos", "3", "--n-unc", "2", "--warmup", "1", "--lr",
             "1e-3", "--log-every", "1", "--sample-every", "0", "--device", "cpu",
-            *map(str, extra)]
+            "--eval-every", "0", "--snapshot-every", "0", *map(str, extra)]
 
 
 def snapshot(run):

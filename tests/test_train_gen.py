@@ -175,7 +175,8 @@ def gen_args(files, out, *extra, mae=8):
             "--mae-ckpt", str(files / f"mae{mae}.safetensors"), "--out", str(out),
             "--n-classes-per-step", "2", "--gen-per-label", "4", "--n-pos", "3", "--n-unc", "2",
             "--warmup", "1", "--lr", "1e-3", "--log-every", "1", "--sample-every", "2",
-            "--device", "cpu", *map(str, extra)]
+            "--device", "cpu", "--eval-every", "0", "--snapshot-every", "0",
+            *map(str, extra)]
 
 
 def test_resume_is_exact(files, tmp_path):
@@ -235,3 +236,34 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     norm = lambda f: torch.sqrt(sum(f(k).double().pow(2).sum() for k in a))
     moved, apart = norm(lambda k: b[k] - start[k]), norm(lambda k: a[k] - b[k])
     assert moved > 0.1 and apart / moved < 2e-3, (apart.item(), moved.item())
+
+
+def test_progress_metric_log_and_snapshots(files, tmp_path):
+    """--eval-every: FD_MAE (EMA samples of fixed seeds vs the held-out digits, MAE layer-4
+    features) in log.jsonl at every eval step, one row per log interval with the named columns;
+    --snapshot-every keeps EMA-only checkpoints that load as generators; fd_mae.png is drawn.
+    With eval on, 4 steps straight == 2 + --resume + 2 (the eval takes no random numbers of
+    the run), log.jsonl included (the rows after the checkpoint are redone, not doubled)."""
+    extra = ("--eval-every", 2, "--eval-n", 2, "--holdout", 1, "--snapshot-every", 2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(gen_args(files, straight, "--steps", 4, *extra))
+    train.main(gen_args(files, split, "--steps", 2, *extra))
+    with open(split / "log.jsonl", "a") as f:   # as a run killed after logging step 3 leaves it
+        print(json.dumps({"step": 3, "loss": -1.0}), file=f)
+    train.main(gen_args(files, split, "--steps", 4, "--resume", *extra))
+    rows = [json.loads(line) for line in open(straight / "log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "loss", "gnorm", "V2_0.2", "V2_0.05", "V2_0.02", "lr",
+                            "img_s", "gb", "fd_mae"}
+    assert rows[0]["fd_mae"] is None and all(rows[i]["fd_mae"] > 0 for i in (1, 3))
+    again = [json.loads(line) for line in open(split / "log.jsonl")]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("img_s", "gb")}
+    assert list(map(drop, rows)) == list(map(drop, again))
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    snaps = sorted(os.listdir(straight / "snapshots"))
+    assert snaps == ["ema_0000002.safetensors", "ema_0000004.safetensors"]
+    ema = load_checkpoint(str(straight / "snapshots" / snaps[-1]))
+    assert torch.equal(ema.final.linear.weight, a["ema/final.linear.weight"])
+    assert os.path.getsize(straight / "fd_mae.png") > 0
