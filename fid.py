@@ -470,7 +470,7 @@ def main():
             with open(os.path.join(args.run, "fid_steps.md"), "w") as f:
                 f.write(table)
             save_curves(os.path.join(args.run, "fid_steps.png"), {
-                f"FID, {args.per_class}/class EMA samples vs {args.ref}": tuple(zip(*rows))},
+                f"FID, {args.per_class}/class EMA samples vs {os.path.basename(args.ref)}": tuple(zip(*rows))},
                 title=f"FID vs step: {args.run}", ylabel="FID")
             print(table + f"wrote {args.run}/fid_steps.md, fid_steps.png")
         return

@@ -443,7 +443,7 @@ def main(argv=None):
         history = state["history"]
         if len(state["rng"]) == world:                          # this rank's streams go on
             torch.set_rng_state(state["rng"][rank]["torch"])
-            if device.type == "cuda":
+            if device.type == "cuda" and "cuda" in state["rng"][rank]:   # not if saved on CPU
                 torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
             for k, v in streams.items():
                 v.load_state_dict(state["rng"][rank][k])
