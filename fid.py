@@ -486,13 +486,8 @@ def main():
         raise ValueError(f"the Inception features of {args.images or args.data} are NaN or inf "
                          f"(nothing written); check {args.weights}: {WEIGHTS_HELP}")
     if master and args.cmd == "ref":
-        tmp = f"{args.out[:-len('.npz')]}.tmp.npz"  # renamed over --out: no partial file
-        try:
-            np.savez(tmp, mu=mu, sigma=sigma)
-            os.replace(tmp, args.out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from sample import write_atomic         # renamed over --out: no partial file
+        write_atomic(args.out, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
         print(f"wrote {args.out}")
     elif master:
         print(f"FID {fid_from_stats(mu, sigma, mu_r, sigma_r):.4f}")
@@ -503,17 +498,9 @@ def main():
 
 
 def cli():
-    """main() with errors as one line (no traceback), printed once under torchrun: every rank
-    meets the same bad input, so only rank 0 reports it and the others exit 1 silently."""
-    quiet = os.environ.get("RANK", "0") != "0"
-    try:
-        main()
-    except KeyboardInterrupt:
-        if not quiet:
-            print("fid.py: interrupted (nothing written)", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError) as e:
-        sys.exit(1 if quiet else f"fid.py: error: {e}")
+    """main() with errors as one line, once under torchrun (sample.cli)."""
+    from sample import cli as one_line_errors
+    one_line_errors(main, "fid.py")
 
 
 if __name__ == "__main__":

@@ -230,18 +230,19 @@ def main():
         dist.destroy_process_group()
 
 
-def cli():
+def cli(run=None, name="sample.py"):
     """main() with errors as one line (no traceback), printed once under torchrun: every rank
-    meets the same bad input, so only rank 0 reports it and the others exit 1 silently."""
+    meets the same bad input, so only rank 0 reports it and the others exit 1 silently.
+    run: the main to call (default this file's; fid.py passes its own)."""
     quiet = os.environ.get("RANK", "0") != "0"
     try:
-        main()
+        (run or main)()
     except KeyboardInterrupt:
         if not quiet:
-            print("sample.py: interrupted (nothing written)", file=sys.stderr)
+            print(f"{name}: interrupted (nothing written)", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:
-        sys.exit(1 if quiet else f"sample.py: error: {e}")
+        sys.exit(1 if quiet else f"{name}: error: {e}")
 
 
 if __name__ == "__main__":
