@@ -27,23 +27,36 @@ import torch
 
 
 @torch.no_grad()
-def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None):
-    """V_{p,q}(x) = V+_p(x) - V-_q(x) with the Laplace kernel k = exp(-||x - y|| / tau) (Eq. 12).
+def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None,
+                kernel="laplace", a=1.0, b=1.0, sinkhorn_iters=20):
+    """V_{p,q}(x) = a V+_p(x) - b V-_q(x), the kernel mean-shift field of Alg. 2.
 
     x (..., N, D) generated points; y_pos (..., P, D) data; y_neg (..., Q, D) negatives,
-    usually x itself; mask_self drops k(x_i, x_i) (default: when `y_neg is x`). kernel_norm:
-    "both" = Eq. (17), the notebook's k / sqrt(rowsum colsum); "y" = softmax over targets
-    only; "none" = the raw kernel (Tab. 11); "per_set" = V+ and V- normalized separately, as
-    Eq. (8)-(11) are written. Returns V (..., N, D), in float32 or the inputs' wider dtype.
+    usually x itself; mask_self drops k(x_i, x_i) (default: when `y_neg is x`). kernel:
+    "laplace" k = exp(-||x - y|| / tau) (Eq. 12), or "gaussian" k = exp(-||x - y||^2 /
+    (2 tau^2)): then with "per_set", V = tau^2 grad log(p_tau / q_tau) (Tweedie), p_tau
+    the points of p smoothed by N(0, tau^2 I). kernel_norm: "both" = Eq. (17), the notebook's
+    k / sqrt(rowsum colsum); "y" = softmax over targets only; "none" = the raw kernel
+    (Tab. 11); "per_set" = V+ and V- normalized separately, as Eq. (8)-(11) are written;
+    "sinkhorn" = `sinkhorn_iters` log-domain Sinkhorn steps (arXiv:2603.12366), alternately
+    rows (each x) summing to 1 and columns (each target) to N / M, M = Q + P, columns last.
+    a, b: the anti-symmetry ablation of Tab. 1 (FID: V+ - V- 8.46, 1.5V+ - V- 41.05,
+    V+ - 1.5V- 46.28, 2V+ - V- 86.16, V+ - 2V- 112.84, V+ only (b = 0) 177.14).
+    Returns V (..., N, D), in float32 or the inputs' wider dtype.
     """
     mask_self = y_neg is x if mask_self is None else mask_self      # decided before any cast
     dtype = torch.promote_types(x.dtype, torch.float32)             # never below float32
     x, y_pos, y_neg = x.to(dtype), y_pos.to(dtype), y_neg.to(dtype)
-    Q = y_neg.shape[-2]
+    N, Q, M = x.shape[-2], y_neg.shape[-2], y_neg.shape[-2] + y_pos.shape[-2]
     dist = torch.cdist(x, torch.cat([y_neg, y_pos], dim=-2))        # (.., N, Q + P)
     if mask_self:                                                   # k(x_i, x_i) -> 0
         dist[..., :Q].diagonal(dim1=-2, dim2=-1).add_(1e6)          # as the notebook
-    logits = -dist / tau                                            # (.., N, Q + P)
+    if kernel == "laplace":
+        logits = -dist / tau                                        # (.., N, Q + P)
+    elif kernel == "gaussian":
+        logits = -dist.square() / (2 * tau ** 2)                    # (.., N, Q + P)
+    else:
+        raise ValueError(f"kernel={kernel!r}: expected laplace or gaussian")
     if kernel_norm == "both":      # softmax over y times softmax over x: Alg. 2, Eq. (17)
         A = (logits.softmax(-1) * logits.softmax(-2)).sqrt()
     elif kernel_norm == "y":
@@ -52,25 +65,39 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None):
         A = logits.exp()
     elif kernel_norm == "per_set":
         A = torch.cat([logits[..., :Q].softmax(-1), logits[..., Q:].softmax(-1)], dim=-1)
+    elif kernel_norm == "sinkhorn":   # log domain: rows sum to 1, then columns to N / M
+        for _ in range(sinkhorn_iters):
+            logits = logits - logits.logsumexp(-1, keepdim=True)
+            logits = logits - logits.logsumexp(-2, keepdim=True) + math.log(N / M)
+        A = logits.exp()
     else:
-        raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none or per_set")
+        raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none, per_set "
+                         f"or sinkhorn")
     A_neg, A_pos = A[..., :Q], A[..., Q:]                           # (.., N, Q), (.., N, P)
     # Alg. 2 steps 5-6: the estimator of Eq. (11), E[k+ k- (y+ - y-)] / (Z_p Z_q)
     W_pos = A_pos * A_neg.sum(-1, keepdim=True)                     # (.., N, P)
     W_neg = A_neg * A_pos.sum(-1, keepdim=True)                     # (.., N, Q)
-    return W_pos @ y_pos - W_neg @ y_neg                            # (.., N, D)
+    V = a * W_pos @ y_pos - b * W_neg @ y_neg                       # (.., N, D)
+    # Rows of W_pos and W_neg have equal sums, so for a = b this is sum W (y - x), the
+    # mean-shift form; for a != b the x terms no longer cancel: subtract them (as drift_loss)
+    if a != b:
+        V = V - (a * W_pos.sum(-1, keepdim=True) - b * W_neg.sum(-1, keepdim=True)) * x
+    return V                                                        # (.., N, D)
 
 
 def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None,
-               chunk_rows=None, memory_budget=2 ** 31):
+               chunk_rows=None, memory_budget=2 ** 31, kernel="laplace", a=1.0, b=1.0,
+               sinkhorn_iters=20):
     """The official drift loss (drift_loss.py; App. A.6-A.7). Returns (loss (B,), info).
 
     gen (B, C_g, S) generated features (with grad); pos (B, C_p, S); neg (B, C_n, S) or None:
     unconditional negatives for CFG (Sec. 3.5); w_* (B, C_*) per-target weights (default 1;
     for CFG w_neg = (alpha - 1)(C_g - 1) / C_n). taus: one normalized field per temperature,
-    summed ("R_list" officially). kernel_norm: as in drift_field ("both" is official). floor:
-    the official lower bound on softmax_row * softmax_col; 0 disables it.
+    summed ("R_list" officially). kernel_norm, kernel, a, b, sinkhorn_iters: the ablations of
+    drift_field ("both", "laplace", 1, 1 are official); gaussian uses the normalized distance.
+    floor: the official lower bound on softmax_row * softmax_col ("both"; "y" floors at its
+    sqrt; none for the others: on "sinkhorn" it would break the marginals); 0 disables it.
     all_reduce: optional callable that sums a tensor over ranks and returns it. `scale` and
     the per-tau force RMS are means over ALL rows, so rows split over ranks must reduce them.
     chunk_rows: rows per chunk (default ~4 MB per (rows, T, C_g, M) tensor). memory_budget:
@@ -123,7 +150,12 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                 d = dist[i] if keep else cdist(old_gen[r], y)       # (r, C_g, M)
                 dist_normed = d / scale.clamp_min(1e-3)
                 dist_normed[:, :, :C_g].diagonal(dim1=1, dim2=2).add_(100.0)    # self-mask
-                logits = -dist_normed[:, None] / R                  # (r, T, C_g, M)
+                if kernel == "laplace":
+                    logits = -dist_normed[:, None] / R              # (r, T, C_g, M)
+                elif kernel == "gaussian":
+                    logits = -dist_normed[:, None].square() / (2 * R ** 2)  # (r, T, C_g, M)
+                else:
+                    raise ValueError(f"kernel={kernel!r}: expected laplace or gaussian")
                 if kernel_norm == "both":
                     affinity = logits.softmax(-1) * logits.softmax(-2)
                     affinity = affinity.clamp_min(floor).sqrt()     # Eq. (17) + the floor
@@ -134,16 +166,23 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                 elif kernel_norm == "per_set":
                     affinity = torch.cat([logits[..., :C_g + C_n].softmax(-1),
                                           logits[..., C_g + C_n:].softmax(-1)], dim=-1)
+                elif kernel_norm == "sinkhorn":  # as drift_field: rows to 1, columns to C_g / M
+                    for _ in range(sinkhorn_iters):
+                        logits = logits - logits.logsumexp(-1, keepdim=True)
+                        logits = logits - logits.logsumexp(-2, keepdim=True) + math.log(C_g / M)
+                    affinity = logits.exp()
                 else:
-                    raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none "
-                                     f"or per_set")
+                    raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none, "
+                                     f"per_set or sinkhorn")
                 affinity = affinity * targets_w[r][:, None, None, :]  # CFG weights after norm
                 aff_neg, aff_pos = affinity[..., :C_g + C_n], affinity[..., C_g + C_n:]
-                R_coeff = torch.cat([-aff_neg * aff_pos.sum(-1, keepdim=True),
-                                     aff_pos * aff_neg.sum(-1, keepdim=True)], dim=-1)
+                R_coeff = torch.cat([-aff_neg * (b * aff_pos.sum(-1, keepdim=True)),
+                                     aff_pos * (a * aff_neg.sum(-1, keepdim=True))], dim=-1)
                 targets_scaled = y / scale_inputs                   # (r, M, S)
                 V = torch.einsum("rtim,rms->rtis", R_coeff, targets_scaled)  # (r, T, C_g, S)
-                # the coefficients sum to 0 (up to rounding): the official code keeps the term
+                # V = sum_m R_m (y_m - x). For a = b the coefficients sum to 0 (up to rounding)
+                # and the official code keeps the term; for a != b it makes a V+ - b V- the
+                # mean-shift form (y - x)
                 return V - R_coeff.sum(-1, keepdim=True) * (old_gen[r] / scale_inputs)[:, None]
 
             # 3. Drift normalization (Eq. 23-25): the RMS of each tau's field over ALL rows.

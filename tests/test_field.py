@@ -50,15 +50,24 @@ def test_drift_loss_matches_official(path):
     assert rel_err(gen.grad, t["grad_gen"]) < grad_tol
 
 
-@pytest.mark.parametrize("kernel_norm", ["both", "y", "none", "per_set"])
-def test_field_antisymmetric(kernel_norm):
-    """Prop. 3.1: V_{p,q}(x) = -V_{q,p}(x), for every kernel normalization."""
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+@pytest.mark.parametrize("kernel_norm", ["both", "y", "none", "per_set", "sinkhorn"])
+def test_field_antisymmetric(kernel_norm, kernel):
+    """Prop. 3.1: V_{p,q}(x) = -V_{q,p}(x), for every kernel and normalization, also with
+    a = b != 1; for a != b (Tab. 1) swapping p and q swaps the roles of a and b instead."""
     g = torch.Generator().manual_seed(0)
     x, p, q = (torch.randn(n, 3, generator=g) for n in (20, 30, 25))
-    V_pq = drift_field(x, p, q, tau=0.5, kernel_norm=kernel_norm)
-    V_qp = drift_field(x, q, p, tau=0.5, kernel_norm=kernel_norm)
+    kw = dict(tau=0.5, kernel_norm=kernel_norm, kernel=kernel, mask_self=False)
+    V_pq = drift_field(x, p, q, **kw)
     assert V_pq.abs().max() > 1e-3                                   # a real, nonzero field
-    torch.testing.assert_close(V_pq, -V_qp, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(V_pq, -drift_field(x, q, p, **kw), atol=1e-6, rtol=1e-5)
+    V_pq = drift_field(x, p, q, a=1.5, b=1.5, **kw)
+    torch.testing.assert_close(V_pq, -drift_field(x, q, p, a=1.5, b=1.5, **kw),
+                               atol=1e-6, rtol=1e-5)
+    V_pq = drift_field(x, p, q, a=1.5, b=1.0, **kw)
+    torch.testing.assert_close(V_pq, -drift_field(x, q, p, a=1.0, b=1.5, **kw),
+                               atol=1e-6, rtol=1e-5)
+    assert (V_pq + drift_field(x, q, p, a=1.5, b=1.0, **kw)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kernel_norm", ["both", "y", "none", "per_set"])
@@ -308,3 +317,122 @@ def test_pasted_drift_loss_matches_official(path):
         assert rel_err(v.reshape(1), t[f"info/{k}"]) < 1e-4, k
     grad_tol = 1e-3 if meta["case"] in ("e_scale1e3", "g_tiny1e-4") else 1e-4
     assert rel_err(gen.grad, t["grad_gen"]) < grad_tol
+
+
+# --- Ablations (issue 18): a V+ - b V- (Tab. 1), Sinkhorn couplings, the Gaussian kernel ---
+
+
+def test_ablation_defaults_are_bitwise_the_default():
+    """a = b = 1, kernel="laplace", kernel_norm="both" passed explicitly are the default path
+    bit for bit (loss, info, gradient, field): the ablation switches cost the default nothing."""
+    g = torch.Generator().manual_seed(12)
+    gen, pos, neg = (torch.randn(3, n, 8, generator=g) for n in (10, 12, 3))
+    w_neg = torch.rand(3, 3, generator=g) * 2
+
+    def run(**kw):
+        x = gen.clone().requires_grad_(True)
+        loss, info = drift_loss(x, pos, neg, w_neg=w_neg, **kw)
+        loss.sum().backward()
+        return loss.detach(), info, x.grad
+
+    ref, new = run(), run(a=1.0, b=1.0, kernel="laplace", kernel_norm="both", sinkhorn_iters=3)
+    assert torch.equal(ref[0], new[0]) and torch.equal(ref[2], new[2])
+    assert all(torch.equal(ref[1][k], new[1][k]) for k in ref[1])
+    x, y = gen[0], pos[0]
+    for kernel_norm in ("both", "per_set"):
+        assert torch.equal(drift_field(x, y, x, tau=0.5, kernel_norm=kernel_norm),
+                           drift_field(x, y, x, tau=0.5, kernel_norm=kernel_norm, a=1.0, b=1.0,
+                                       kernel="laplace"))
+
+
+def test_sinkhorn_coupling_has_its_marginals():
+    """kernel_norm="sinkhorn" uses the Sinkhorn coupling of the docstring: it equals the
+    textbook multiplicative scaling (divide rows by their sums, then columns by theirs times
+    N / M), whose rows sum to 1 and columns to N / M after 200 steps (8 x 12, tau not tiny)."""
+    g = torch.Generator().manual_seed(13)
+    x, p, q = (torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (8, 5, 7))
+    N, M, tau = 8, 12, 0.5
+    K = (-torch.cdist(x, torch.cat([q, p])) / tau).exp()            # (N, M), y_neg first
+    for _ in range(200):
+        K = K / K.sum(1, keepdim=True)
+        K = K / K.sum(0, keepdim=True) * (N / M)
+    torch.testing.assert_close(K.sum(1), torch.ones(N, dtype=K.dtype), atol=1e-4, rtol=0)
+    torch.testing.assert_close(K.sum(0), torch.full((M,), N / M, dtype=K.dtype), atol=1e-4,
+                               rtol=0)
+    A_neg, A_pos = K[:, :7], K[:, 7:]
+    V_ref = (A_pos * A_neg.sum(1, keepdim=True)) @ p - (A_neg * A_pos.sum(1, keepdim=True)) @ q
+    V = drift_field(x, p, q, tau=tau, kernel_norm="sinkhorn", sinkhorn_iters=200)
+    torch.testing.assert_close(V, V_ref, atol=1e-10, rtol=1e-8)
+    # the coupling is neither a row softmax ("y") nor Eq. (17) ("both"): a different field
+    for other in ("y", "both"):
+        assert (drift_field(x, p, q, tau=tau, kernel_norm=other) - V).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (1.5, 1.0), (1.0, 0.0)])
+def test_gaussian_per_set_is_tweedie(a, b):
+    """kernel="gaussian" is exp(-d^2 / (2 tau^2)): with "per_set", V+ and V- are plain
+    softmax mean shifts (A_neg rows sum to 1, so W_pos = A_pos), and by Tweedie
+    a V+ - b V- = tau^2 (a d/dx log p_tau - b d/dx log q_tau), p_tau = mean_j N(y_j, tau^2).
+    b = 0 ("V+ only") and a != b check that V keeps the mean-shift form (y - x)."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.linspace(-2, 2, 7, dtype=torch.float64)[:, None]      # (7, 1)
+    y_pos = torch.randn(5, 1, generator=g, dtype=torch.float64) + 1
+    y_neg = torch.randn(6, 1, generator=g, dtype=torch.float64) - 1
+    sigma = 0.7
+
+    def score(y):                                                    # d/dx log p_sigma(x)
+        xg = x.clone().requires_grad_(True)
+        log_p = torch.logsumexp(-(xg - y.T) ** 2 / (2 * sigma ** 2), dim=1)
+        return torch.autograd.grad(log_p.sum(), xg)[0]              # (7, 1)
+
+    V_ref = sigma ** 2 * (a * score(y_pos) - b * score(y_neg))
+    kw = dict(tau=sigma, kernel_norm="per_set", mask_self=False, a=a, b=b)
+    V = drift_field(x, y_pos, y_neg, kernel="gaussian", **kw)
+    assert V.abs().max() > 1e-2
+    torch.testing.assert_close(V, V_ref, atol=1e-8, rtol=0)
+    assert (drift_field(x, y_pos, y_neg, kernel="laplace", **kw) - V_ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(kernel="gaussian"), dict(kernel_norm="sinkhorn"),
+                                dict(kernel="gaussian", kernel_norm="sinkhorn"),
+                                dict(a=1.5), dict(b=1.5), dict(b=0.0), dict(a=2.0, b=1.0)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_drift_loss_ablations_run(kw):
+    """Each ablation option gives a finite loss and gradient that differ from the default,
+    also with CFG negatives; a = b = 2 gives the default loss (drift normalization, Eq. 23-25,
+    removes a common factor: only a / b matters)."""
+    g = torch.Generator().manual_seed(15)
+    gen, pos, neg = (torch.randn(2, n, 8, generator=g) for n in (10, 12, 3))
+    w_neg = torch.rand(2, 3, generator=g) * 2
+    base, _ = drift_loss(gen, pos, neg, w_neg=w_neg)
+    x = gen.clone().requires_grad_(True)
+    loss, info = drift_loss(x, pos, neg, w_neg=w_neg, **kw)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(v) for v in info.values())
+    assert not torch.allclose(loss, base, rtol=1e-3)
+    both, _ = drift_loss(gen, pos, neg, w_neg=w_neg, a=2.0, b=2.0)
+    torch.testing.assert_close(both, base, rtol=1e-5, atol=0)
+
+
+def test_drift_loss_unequal_ab_is_translation_invariant():
+    """For a != b the official "coefficients sum to 0" term no longer vanishes; it is what
+    makes V = sum_m R_m (y_m - x) = a V+ - b V- of the mean-shift form, so shifting all
+    features by a constant leaves the loss unchanged (it would not for sum_m R_m y_m)."""
+    g = torch.Generator().manual_seed(16)
+    gen, pos = torch.randn(2, 10, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    for a, b in ((1.5, 1.0), (1.0, 0.0)):
+        loss, _ = drift_loss(gen, pos, a=a, b=b)
+        torch.testing.assert_close(drift_loss(gen + 3.0, pos + 3.0, a=a, b=b)[0], loss,
+                                   rtol=1e-4, atol=0)
+
+
+def test_bad_kernel_values_raise():
+    """An unknown kernel or kernel_norm is a ValueError naming the value and the choices."""
+    x, y = torch.randn(4, 2), torch.randn(5, 2)
+    gen, pos = torch.randn(2, 4, 3), torch.randn(2, 5, 3)
+    for fn, args in ((drift_field, (x, y, x)), (drift_loss, (gen, pos))):
+        with pytest.raises(ValueError, match="'cauchy': expected laplace or gaussian"):
+            fn(*args, kernel="cauchy")
+        with pytest.raises(ValueError, match="'foo': expected both, y, none, per_set or sink"):
+            fn(*args, kernel_norm="foo")
