@@ -12,6 +12,7 @@ Quality: the energy distance to held-out data, next to the same number for two r
     python toy.py                                          # checkerboard -> runs/toy/
     python toy.py --data swiss_roll --out runs/toy_swiss
     python toy.py --data bimodal --init far --out runs/toy_far    # Fig. 3: a far start
+    python toy.py --ablation antisymmetry --out runs/toy_tab1     # Tab. 1, 3 seeds a row
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from field import drift_field
-from models import MLP, save_checkpoint
+from models import MLP, read_checkpoint, save_checkpoint
 from sample import save_curves
 
 
@@ -71,6 +72,25 @@ def energy_distance(x, y):
 
 
 # ------------------------------------------------------------------------------------------
+# The paper's ablations (issue 18): row name -> flags, with the paper's ImageNet FID beside
+# ------------------------------------------------------------------------------------------
+ABLATIONS = {
+    # Tab. 1, anti-symmetry: V = a V+ - b V- (B/2, FID 8.46 only when a = b)
+    "antisymmetry": {"V+ - V-": ({}, 8.46), "1.5V+ - V-": (dict(attract=1.5), 41.05),
+                     "V+ - 1.5V-": (dict(repel=1.5), 46.28), "2V+ - V-": (dict(attract=2.0), 86.16),
+                     "V+ - 2V-": (dict(repel=2.0), 112.84), "V+ only": (dict(repel=0.0), 177.14)},
+    # Tab. 2, allocation: N_pos data points against the --batch generated ones (paper: 64)
+    "n_pos": {f"N_pos {n}": (dict(n_pos=n), fid) for n, fid in
+              ((1, 20.43), (16, 10.39), (32, 8.97), (64, 8.46))},
+    # Tab. 11, kernel normalization, and two proposals after the paper (no paper FID)
+    "kernel": {"x and y (both)": ({}, 8.46), "y only": (dict(kernel_norm="y"), 8.92),
+               "none": (dict(kernel_norm="none"), 10.54),
+               "sinkhorn": (dict(kernel_norm="sinkhorn"), None),
+               "gaussian kernel": (dict(kernel="gaussian"), None)},
+}
+
+
+# ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__,
@@ -81,8 +101,20 @@ parser.add_argument("--steps", type=int, default=2000, help="Adam steps (the not
 parser.add_argument("--batch", type=int, default=1024, help="generated points per step")
 parser.add_argument("--n-pos", type=int, default=1024, help="data points per step")
 parser.add_argument("--tau", type=float, default=0.05, help="kernel temperature (Eq. 12)")
-parser.add_argument("--kernel-norm", choices=["both", "y", "none", "per_set"], default="both",
-                    help="kernel normalization (Tab. 11); both = Eq. (17), official")
+parser.add_argument("--kernel-norm", choices=["both", "y", "none", "per_set", "sinkhorn"],
+                    default="both", help="kernel normalization (Tab. 11); both = Eq. (17), "
+                    "official; sinkhorn = arXiv:2603.12366")
+parser.add_argument("--sinkhorn-iters", type=int, default=20, help="--kernel-norm sinkhorn: "
+                    "alternating normalizations")
+parser.add_argument("--kernel", choices=["laplace", "gaussian"], default="laplace",
+                    help="exp(-|x-y|/tau) (Eq. 12) or exp(-|x-y|^2/(2 tau^2))")
+parser.add_argument("--attract", type=float, default=1.0, help="a in V = a V+ - b V- (Tab. 1)")
+parser.add_argument("--repel", type=float, default=1.0, help="b in V = a V+ - b V- (Tab. 1)")
+parser.add_argument("--ablation", choices=list(ABLATIONS), help="run the rows of one of the "
+                    "paper's tables (3 seeds each; the other flags are the base of every row) "
+                    "into --out/<row>/seed<k>, print and write table.md and ablation.png; rows "
+                    "already done are kept and skipped")
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--ablation seeds")
 parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine to 0")
 parser.add_argument("--init", choices=["default", "far", "collapsed"], default="default",
                     help="Fig. 3 starts: far = all points near (3, 3), collapsed = near (1, 0)")
@@ -93,7 +125,7 @@ parser.add_argument("--log-every", type=int, default=100, help="steps between lo
 parser.add_argument("--seed", type=int, default=0, help="model, noise and data seed")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-POSITIVE = ("steps", "batch", "n_pos", "eval_n", "log_every", "tau", "lr")
+POSITIVE = ("steps", "batch", "n_pos", "eval_n", "log_every", "tau", "lr", "sinkhorn_iters")
 
 
 def parse_args(argv=None):
@@ -104,8 +136,10 @@ def parse_args(argv=None):
     if args.frames != parser.get_default("frames") and not all(
             s.strip().isdecimal() and int(s) <= args.steps for s in args.frames.split(",")):
         parser.error(f"--frames {args.frames}: expected comma-separated steps in 0..{args.steps}")
+    if args.attract < 0 or args.repel < 0:
+        parser.error(f"--attract {args.attract} --repel {args.repel}: scales must be >= 0")
     old = [f for f in ("log.txt", "model.safetensors") if os.path.exists(f"{args.out}/{f}")]
-    if old and not args.overwrite:
+    if old and not args.overwrite and not args.ablation:
         parser.error(f"--out {args.out} holds another run {old}; toy runs are short (no "
                      f"--resume): pass --overwrite or a new --out")
     return args
@@ -138,7 +172,9 @@ def train(args):
         x = model(torch.randn(args.batch, model.noise_dim, device=device))   # (N, 2) q
         y_pos = sample(args.n_pos, g_data).to(device)                # (P, 2) p
         x_sg = x.detach()
-        V = drift_field(x_sg, y_pos, x_sg, tau=args.tau, kernel_norm=args.kernel_norm)
+        V = drift_field(x_sg, y_pos, x_sg, tau=args.tau, kernel_norm=args.kernel_norm,
+                        kernel=args.kernel, a=args.attract, b=args.repel,
+                        sinkhorn_iters=args.sinkhorn_iters)
         loss = F.mse_loss(x, x_sg + V)          # Eq. (6): the target x + V carries no grad
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss {loss.item()} at step {step}; raise --tau, lower --lr")
@@ -193,8 +229,51 @@ def train(args):
     return summary
 
 
+def ablate(args):
+    """Every row of ABLATIONS[args.ablation] x args.seeds (a finished run, one whose log.txt
+    ends with its summary, is read, not rerun) -> the markdown table (also table.md) and
+    ablation.png, one scatter per row (the first seed)."""
+    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
+    rows, lines = ABLATIONS[args.ablation], []
+    head = (f"| {args.ablation} | energy distance / floor, mean of {len(args.seeds)} seeds | "
+            f"seeds | paper FID (ImageNet B/2) |\n|---|---|---|---|")
+    print(head)
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.9), squeeze=False)
+    for ax, (name, (flags, paper)) in zip(axes[0], rows.items()):
+        ratios = []
+        for seed in args.seeds:
+            out = os.path.join(args.out, name.replace(" ", "_"), f"seed{seed}")
+            run = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": out,
+                                        "ablation": None})
+            done = os.path.exists(f"{out}/model.safetensors")      # written last, atomically
+            ratios.append(json.loads(open(f"{out}/log.txt").read().splitlines()[-1])["ratio"]
+                          if done else train(run)["ratio"])
+        line = (f"| {name} | {sum(ratios) / len(ratios):.2f} | "
+                f"{', '.join(f'{r:.2f}' for r in ratios)} | {paper if paper else '-'} |")
+        print(line, flush=True)
+        lines.append(line)
+        first = os.path.join(args.out, name.replace(" ", "_"), f"seed{args.seeds[0]}")
+        model = MLP()
+        model.load_state_dict(read_checkpoint(first, "mlp")[1])  # drawn over the data
+        with torch.no_grad():
+            q = model(torch.randn(3000, model.noise_dim,
+                                  generator=torch.Generator().manual_seed(7)))
+        p = TOY_DATA[args.data](3000, torch.Generator().manual_seed(10_001))
+        ax.scatter(*p.T, s=1, c="tab:blue", alpha=0.4)
+        ax.scatter(*q.T, s=1, c="tab:orange", alpha=0.6)
+        ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal", title=name)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout(), fig.savefig(f"{args.out}/ablation.png", dpi=100), plt.close(fig)
+    with open(f"{args.out}/table.md", "w") as f:
+        print(head, *lines, sep="\n", file=f)
+    print(f"wrote {args.out}/table.md, {args.out}/ablation.png")
+    return lines
+
+
 if __name__ == "__main__":
     try:
-        train(parse_args())
+        args = parse_args()
+        ablate(args) if args.ablation else train(args)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:   # a message, not a
         sys.exit(f"toy.py: error: {e}")                                   # traceback

@@ -90,6 +90,7 @@ RECIPES = {
                n_pos=8, n_unc=4, lr=1e-3, weight_decay=0.01, warmup=10, ema=0.99,
                cfg_power=3.0, no_cfg_frac=0.0, image_size=64, augment=True),
 }
+ABLATION_FLAGS = ["kernel", "kernel_norm", "sinkhorn_iters", "attract", "repel"]   # issue 18
 PRESET = {"ablation": "B2"}     # recipe -> DriftDiT_models preset (the others share its name)
 DATA = ["mnist5k", "latents", "images"]
 # --resume: flags that may differ from the run's recorded ones (schedule length, logging,
@@ -167,6 +168,14 @@ def make_parser(recipe):
     g("--cfg-power", type=float, help="p(alpha) ~ alpha^-k on [1, 4] (official neg_cfg_pw)")
     g("--no-cfg-frac", type=float, help="fraction of groups at alpha = 1 (official no_cfg_frac)")
     g("--taus", type=float, nargs="+", default=[0.2, 0.05, 0.02], help="official R_list")
+    g("--kernel", choices=["laplace", "gaussian"], default="laplace", help="drift kernel "
+      "(field.drift_loss; Eq. 12 = laplace)")
+    g("--kernel-norm", choices=["both", "y", "none", "sinkhorn"], default="both",
+      help="affinity normalization (Tab. 11; both = Eq. 17, official)")
+    g("--sinkhorn-iters", type=int, default=20, help="--kernel-norm sinkhorn: normalizations")
+    g("--attract", type=float, default=1.0, help="a in V = a V+ - b V- (Tab. 1; after the "
+      "drift normalization only a / b matters)")
+    g("--repel", type=float, default=1.0, help="b in V = a V+ - b V- (Tab. 1)")
     g("--fast-loss", action=argparse.BooleanOptionalAction, default=False,
       help="field_fast.drift_loss (same numbers, faster on CPUs) instead of field.drift_loss")
     g("--mae-ckpt", help="the frozen encoder phi (train.py --stage mae or convert.py)")
@@ -174,9 +183,10 @@ def make_parser(recipe):
       "model.safetensors), the second encoder")
     g("--convnext-model", choices=list(ConvNeXt_models), default="base", help="its preset")
     g("--sample-every", type=int, default=5000, help="EMA sample grid every N steps; 0 = end")
-    g("--eval-every", type=int, default=0, help="every N steps: FD_MAE of --eval-n EMA samples "
-      "per class vs --holdout held-out real ones per class (then not trained on); 0 = off")
-    g("--eval-n", type=int, default=50, help="EMA samples per class of the FD_MAE metric")
+    g("--eval-every", type=int, default=0, help="every N steps: FD_MAE and FD_pix of --eval-n "
+      "EMA samples per class vs --holdout held-out real ones per class (then not trained on); "
+      "0 = off")
+    g("--eval-n", type=int, default=50, help="EMA samples per class of the FD metrics")
     g("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps in "
       "snapshots/ (fid.py steps: FID vs step); 0 = off (small models only)")
     g("--sample-alpha", type=float, default=1.0, help="alpha of the grid")
@@ -222,6 +232,14 @@ def parse_args(argv=None):
         parser.error(f"--data {args.data} needs --data-path: " + (
             f"the cache folder (make it with: {CACHE_MAKE})" if args.data == "latents"
             else "an ImageNet-layout folder, e.g. .../train"))
+    ablated = {k: getattr(args, k) for k in ABLATION_FLAGS if getattr(args, k) !=
+               parser.get_default(k)}
+    if ablated and args.fast_loss:
+        parser.error(f"{' '.join('--' + k.replace('_', '-') for k in ablated)}: the ablations "
+                     f"are in field.drift_loss only; add --no-fast-loss")
+    if args.attract < 0 or args.repel < 0 or args.sinkhorn_iters < 1:
+        parser.error(f"--attract {args.attract}, --repel {args.repel} must be >= 0 and "
+                     f"--sinkhorn-iters {args.sinkhorn_iters} >= 1")
     if args.stage == "gen":
         args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
     return args
@@ -275,12 +293,14 @@ def cls_lambda(step, args):
 
 
 def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
-                   taus=(0.2, 0.05, 0.02), all_reduce=None, drift_loss=field.drift_loss):
+                   taus=(0.2, 0.05, 0.02), all_reduce=None, drift_loss=field.drift_loss,
+                   **field_kw):
     """The official train_step's loss_fn for n groups (as data.draw_groups gives them): x =
     f(noise | label, alpha) embedded by phi WITH gradient, the real samples without; feature
     group (B, T, D) -> n * T drift-loss rows, one per (class group, token). Returns (sum over
     groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6).
-    drift_loss: field.drift_loss (the reference) or field_fast.drift_loss (same numbers)."""
+    drift_loss: field.drift_loss (the reference) or field_fast.drift_loss (same numbers);
+    field_kw: its ablation options (kernel, kernel_norm, a, b...; field.drift_loss only)."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
     embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
@@ -300,7 +320,7 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
         y = rows(real[name], N_pos + N_unc)                     # (n * T, N_pos + N_unc, D)
         w = w_unc.repeat_interleave(T)[:, None].expand(-1, N_unc)                  # (n * T, N_unc)
         row_loss, info = drift_loss(rows(f, N_neg), y[:, :N_pos], y[:, N_pos:], w_neg=w,
-                                    taus=taus, all_reduce=all_reduce)               # (n * T,)
+                                    taus=taus, all_reduce=all_reduce, **field_kw)   # (n * T,)
         per_group[name] = row_loss.mean()
         loss = loss + per_group[name]
         for tau in taus:
@@ -315,6 +335,17 @@ def mae_pooled(phi, x, batch=250):
     f = [phi.encoder(patchify(x[i:i + batch], phi.cfg.input_patch_size))[0]["layer4"]
          for i in range(0, len(x), batch)]                     # (b, D, h, w) each
     return torch.cat(f).mean((2, 3)).double().cpu().numpy()
+
+
+@torch.no_grad()
+def pixels_pooled(x, dims=256):
+    """x (n, C, H, W) -> (n, <= dims) float64: x average-pooled by the smallest power-of-2
+    factor that leaves at most `dims` numbers (MNIST: 2x2 -> 14 x 14 = 196), the features of
+    the FD_pix progress metric. No network: it sees the blocks and speckles MAE features miss."""
+    k = 1
+    while x[0].numel() // k ** 2 > dims:
+        k *= 2
+    return torch.nn.functional.avg_pool2d(x.float(), k).flatten(1).double().cpu().numpy()
 
 
 def frechet(a, b):
@@ -417,7 +448,8 @@ def main(argv=None):
                                  f"none would be left to train on; pass a smaller --holdout "
                                  f"or --eval-every 0")
             train_idx, held_idx = split_per_class(labels, args.holdout)
-            real = mae_pooled(phi, take(images, held_idx, torch.Generator()).to(device))
+            held = take(images, held_idx, torch.Generator()).to(device)
+            real = dict(fd_mae=mae_pooled(phi, held), fd_pix=pixels_pooled(held))
             images, labels = subset(images, train_idx), labels[train_idx]
         sampler, streams = TensorSampler(images, labels, args.seed), {}
         per_rank = args.n_classes_per_step // world
@@ -476,6 +508,11 @@ def main(argv=None):
         with open(jsonl, "w") as f:                             # rows after the checkpoint go:
             f.writelines(r for r in rows if json.loads(r)["step"] <= start)   # they rerun
 
+    # issue 18's ablations, in field.drift_loss (parse_args refuses them with --fast-loss)
+    ablation = {} if args.fast_loss else dict(kernel=args.kernel, kernel_norm=args.kernel_norm,
+                                              sinkhorn_iters=args.sinkhorn_iters,
+                                              a=args.attract, b=args.repel)
+
     def losses(model, batch, step):
         """The stage's loss on one step's batch -> (loss, {name: logged value})."""
         with amp:
@@ -490,7 +527,8 @@ def main(argv=None):
             # Alg. 1: the drift loss on every feature group
             loss, _, V2 = generator_loss(model, phi, *batch, taus=args.taus, all_reduce=(
                 lambda t: dist.all_reduce(t) or t) if ddp else None,    # sum, in place
-                drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss)
+                drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss,
+                **ablation)
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
 
     def stopped(what):              # the error of a run that went non-finite
@@ -553,7 +591,8 @@ def main(argv=None):
             x = torch.cat([generate(ema, list(range(len(lab)))[i:i + 250], lab[i:i + 250],
                                     args.sample_alpha, 2, device)
                            for i in range(0, len(lab), 250)])           # (K eval_n, C, H, W)
-            avg["fd_mae"] = frechet(mae_pooled(phi, x), real)
+            avg["fd_mae"] = frechet(mae_pooled(phi, x), real["fd_mae"])
+            avg["fd_pix"] = frechet(pixels_pooled(x), real["fd_pix"])
         mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
         extra = " | ".join(f"{k} {v:.4g}" for k, v in avg.items() if k not in ("loss", "gnorm"))
@@ -567,7 +606,7 @@ def main(argv=None):
             with open(jsonl, "a") as f:            # the same line for programs: log.jsonl
                 row = dict(step=done, **avg, lr=lr, img_s=round(img_s, 1), gb=round(mem, 3))
                 if args.eval_every:
-                    row.setdefault("fd_mae", None)
+                    row.setdefault("fd_mae", None), row.setdefault("fd_pix", None)
                 print(json.dumps(row), file=f)
         if save_now:
             # The update must have left usable weights: every weight and EMA tensor finite, and
@@ -613,12 +652,15 @@ def main(argv=None):
         save_curves(os.path.join(args.out, "loss.png"), {f"tau {t}": (steps_logged, [
             h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
             f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
-        fd = [(h["step"], h["fd_mae"]) for h in history if "fd_mae" in h]
-        if fd:                      # the metric that moves while V^2 stays flat
+        fd = [h for h in history if "fd_mae" in h]
+        if fd:                      # the metrics that move while V^2 stays flat
             save_curves(os.path.join(args.out, "fd_mae.png"), {
-                f"FD_MAE, {args.eval_n}/class EMA vs {args.holdout}/class held out": zip(*fd)},
-                title=f"DriftDiT {args.model} on {args.data}: progress",
-                ylabel="Frechet distance, MAE layer-4 features")
+                "FD_MAE (MAE layer-4 means, 256-d)": ([h["step"] for h in fd],
+                                                     [h["fd_mae"] for h in fd]),
+                "FD_pix / 100 (pooled pixels)": ([h["step"] for h in fd],
+                                                 [h["fd_pix"] / 100 for h in fd])},
+                title=f"DriftDiT {args.model} on {args.data}: {args.eval_n}/class EMA samples "
+                f"vs {args.holdout}/class held out", ylabel="Frechet distance")
     if master and args.stage == "mae":   # held-out items, fixed masks, vs the mean image
         pick = lambda idx: take(images, idx, torch.Generator()).to(device)
         x_held, mean_image = pick(held_idx), pick(train_idx[::len(train_idx) // 5000 + 1]).mean(0)

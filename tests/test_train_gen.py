@@ -238,6 +238,44 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     assert moved > 0.1 and apart / moved < 2e-3, (apart.item(), moved.item())
 
 
+def test_ablation_flags_train_and_need_the_reference_loss(files, tmp_path, capsys):
+    """Issue 18's --kernel / --kernel-norm / --attract / --repel reach field.drift_loss: one
+    step with --attract 1 --repel 1 typed is the default step bitwise; each ablation gives
+    other weights; with --fast-loss (the S4 recipe's) they are refused before any work."""
+    runs = {name: tmp_path / name for name in ("default", "ab1", "sinkhorn", "gauss", "vplus")}
+    flags = {"default": (), "ab1": ("--attract", 1, "--repel", 1),
+             "sinkhorn": ("--kernel-norm", "sinkhorn", "--sinkhorn-iters", 5),
+             "gauss": ("--kernel", "gaussian"), "vplus": ("--repel", 0)}
+    w = {}
+    for name, out in runs.items():
+        train.main(gen_args(files, out, "--steps", 1, "--no-fast-loss", *flags[name]))
+        w[name] = load_file(os.path.join(out, "model.safetensors"))["final.linear.weight"]
+    assert torch.equal(w["ab1"], w["default"])
+    assert all(not torch.equal(w[k], w["default"]) for k in ("sinkhorn", "gauss", "vplus"))
+    with pytest.raises(SystemExit):
+        train.parse_args(gen_args(files, tmp_path / "refused", "--steps", 1, "--kernel",
+                                  "gaussian"))
+    assert "--kernel: the ablations are in field.drift_loss only; add --no-fast-loss" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_fd_pix_features_are_pooled_pixels():
+    """FD_pix's features: MNIST 2x2 means (196-d), larger inputs pooled further (<= 256-d);
+    FD of a set with itself is 0, and 4x4 blocks (the early generator's look) score far from
+    the digits even though each block keeps the digit's ink."""
+    x = torch.rand(6, 1, 28, 28)
+    f = train.pixels_pooled(x)
+    assert f.shape == (6, 196)
+    assert np.allclose(f[2, 14 * 3 + 5], x[2, 0, 6:8, 10:12].mean().item())
+    assert train.pixels_pooled(torch.rand(3, 4, 32, 32)).shape == (3, 256)
+    digits = data.mnist5k()[0][::10]                                 # (500, 1, 28, 28)
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(digits, 4), 28)
+    a, b = train.pixels_pooled(digits[::2]), train.pixels_pooled(digits[1::2])
+    assert abs(train.frechet(a, a)) < 1e-6
+    assert train.frechet(train.pixels_pooled(blocks[1::2]), a) > 3 * train.frechet(b, a)
+
+
 def test_progress_metric_log_and_snapshots(files, tmp_path):
     """--eval-every: FD_MAE (EMA samples of fixed seeds vs the held-out digits, MAE layer-4
     features) in log.jsonl at every eval step, one row per log interval with the named columns;
@@ -254,8 +292,9 @@ def test_progress_metric_log_and_snapshots(files, tmp_path):
     rows = [json.loads(line) for line in open(straight / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "loss", "gnorm", "V2_0.2", "V2_0.05", "V2_0.02", "lr",
-                            "img_s", "gb", "fd_mae"}
+                            "img_s", "gb", "fd_mae", "fd_pix"}
     assert rows[0]["fd_mae"] is None and all(rows[i]["fd_mae"] > 0 for i in (1, 3))
+    assert rows[0]["fd_pix"] is None and all(rows[i]["fd_pix"] > 0 for i in (1, 3))
     again = [json.loads(line) for line in open(split / "log.jsonl")]
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     drop = lambda r: {k: v for k, v in r.items() if k not in ("img_s", "gb")}
