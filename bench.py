@@ -291,6 +291,43 @@ def bench_train(baseline=None, repeat=15):
         print(line + f" | {args.n_classes_per_step * args.gen_per_label / t['fast']:.0f} |")
 
 
+def bench_cache(repeat=9):
+    """train.py --cache-features: one S4 step (fast loss) with the real samples' feature
+    groups computed every step vs gathered from the cache (same numbers, tested), in
+    shuffled turns, for several N_pos; a random MNIST-size MAE (speed does not depend on it)."""
+    import train
+    from data import TensorSampler, draw_groups
+    import field_fast
+    args, cfg, model, phi, sampler = tiny_setup("S4")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    cache = train.embed_all(phi, sampler.images)
+    index = TensorSampler(torch.arange(len(sampler.labels)), sampler.labels, args.seed)
+    print(f"\n### `train.py --cache-features`: one S4 step, ms (median of {repeat}, in turns)\n")
+    print("| groups x (gen, pos, unc) | real features per step | cached | cached / per step |")
+    print("|---|---|---|---|")
+    for n_pos in (8, 16, 32):
+        a = argparse.Namespace(**{**vars(args), "gen_per_label": 8, "n_pos": n_pos})
+
+        def step(cached, s):                                         # the loop's body
+            t0 = time.perf_counter()
+            batch = draw_groups(index if cached else sampler, cfg, a, s, range(10))
+            loss, _, _ = train.generator_loss(model, phi, *batch, taus=a.taus,
+                                              drift_loss=field_fast.drift_loss,
+                                              cached=cache if cached else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t0
+        step(False, 0), step(True, 0)                                # warm-up
+        t = {False: [], True: []}
+        for s in range(repeat):
+            for c in random.Random(s).sample([False, True], 2):
+                t[c].append(step(c, s))
+        m = {c: sorted(v)[len(v) // 2] * 1e3 for c, v in t.items()}
+        print(f"| 10 x (8, {n_pos}, 4) | {m[False]:.0f} | {m[True]:.0f} | "
+              f"{m[True] / m[False]:.2f} |")
+
+
 def bench_sample(batch=64):
     """sample.py's one-step sampling (generate + decode to uint8) of the tiny presets, random
     weights: the speed does not depend on them. S2 makes latents: its figure excludes the SD-VAE
@@ -563,6 +600,7 @@ if __name__ == "__main__":
         bench_models()
     if args.only in (None, "train"):
         bench_train(args.baseline)
+        bench_cache()
     if args.only in (None, "sample"):
         bench_sample()
     if args.only == "gpu":

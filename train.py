@@ -56,8 +56,9 @@ RECIPES = {
     "mae": dict(data="latents", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
                 weight_decay=0.01, ema=0.9995),
     # --mae-model mnist (CPU, MNIST-5k's 4,500 training digits): the paper's batch 8192 would
-    # be ~2 epochs per step and ~20 GB; 800 steps of 64 take ~5 min on 2 cores (README)
-    "mae_mnist": dict(data="mnist5k", out="runs/mae_mnist", steps=800, batch=64, lr=4e-3,
+    # be ~2 epochs per step and ~20 GB; 400 steps of 64 take ~2.7 min on 2 cores, and the S4
+    # generator trained on it was no worse than on 800 steps' MAE (README, the 15-min search)
+    "mae_mnist": dict(data="mnist5k", out="runs/mae_mnist", steps=400, batch=64, lr=4e-3,
                       warmup=50, weight_decay=0.01, ema=0.99, log_every=50, ckpt_every=200),
     # B/2 sizes with the ablation recipe of Tab. 8 (N_pos: paper B/2 128, official code 64)
     "ablation": dict(data="latents", out="runs/ablation", steps=30000, n_classes_per_step=64,
@@ -75,14 +76,16 @@ RECIPES = {
     "L16": dict(data="images", out="runs/L16", steps=100000, n_classes_per_step=128,
                 gen_per_label=64, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01, warmup=10000,
                 ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True),
-    # CPU presets. S4: MNIST-5k; EMA 0.99 and lr 2e-3 as a CPU run is 1k steps, not 30k (the
-    # zero-initialized output starts gray and moves ~lr per step toward the black background);
-    # field_fast, as the loss is a sixth of a CPU step (README). S8: the pixel path, 64x64.
-    "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=1000, n_classes_per_step=10,
-               gen_per_label=16, n_pos=16, n_unc=4, lr=2e-3, weight_decay=0.01, warmup=50,
+    # CPU presets. S4: MNIST-5k in 15 minutes with its MAE (README: the search). EMA 0.99 and
+    # lr 2e-3 as a CPU run is 800 steps, not 30k (the zero-initialized output starts gray and
+    # moves ~lr per step toward the black background); 8 generated but 32 positives per class,
+    # as more positives help (Tab. 2) and cost little with --cache-features; field_fast, as the
+    # loss is a large share of a CPU step (README). S8: the pixel path, 64x64.
+    "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=800, n_classes_per_step=10,
+               gen_per_label=8, n_pos=32, n_unc=4, lr=2e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0, mae_ckpt="runs/mae_mnist",
-               device="cpu", log_every=20, ckpt_every=100, sample_every=50, fast_loss=True,
-               eval_every=100, snapshot_every=250),
+               device="cpu", log_every=20, ckpt_every=100, sample_every=100, fast_loss=True,
+               cache_features=True, eval_every=100, snapshot_every=200),
     "S2": dict(data="latents", out="runs/S2", steps=1000, n_classes_per_step=8,
                gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0),
@@ -96,7 +99,8 @@ DATA = ["mnist5k", "latents", "images"]
 # --resume: flags that may differ from the run's recorded ones (schedule length, logging,
 # where it runs); any other change needs --change-args, as the run would stop being the same.
 FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
-        "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every"}
+        "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every",
+        "cache_features"}
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
             "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
 NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
@@ -176,6 +180,9 @@ def make_parser(recipe):
     g("--attract", type=float, default=1.0, help="a in V = a V+ - b V- (Tab. 1; after the "
       "drift normalization only a / b matters)")
     g("--repel", type=float, default=1.0, help="b in V = a V+ - b V- (Tab. 1)")
+    g("--cache-features", action=argparse.BooleanOptionalAction, default=False,
+      help="mnist5k: the frozen MAE's features of every real sample computed once, not per "
+      "step (the same loss up to rounding; ~2 GB for MNIST-5k)")
     g("--fast-loss", action=argparse.BooleanOptionalAction, default=False,
       help="field_fast.drift_loss (same numbers, faster on CPUs) instead of field.drift_loss")
     g("--mae-ckpt", help="the frozen encoder phi (train.py --stage mae or convert.py)")
@@ -232,6 +239,9 @@ def parse_args(argv=None):
         parser.error(f"--data {args.data} needs --data-path: " + (
             f"the cache folder (make it with: {CACHE_MAKE})" if args.data == "latents"
             else "an ImageNet-layout folder, e.g. .../train"))
+    if args.cache_features and args.data != "mnist5k":
+        parser.error(f"--cache-features: for --data mnist5k (held in memory), not --data "
+                     f"{args.data}; pass --no-cache-features")
     ablated = {k: getattr(args, k) for k in ABLATION_FLAGS if getattr(args, k) !=
                parser.get_default(k)}
     if ablated and args.fast_loss:
@@ -294,21 +304,24 @@ def cls_lambda(step, args):
 
 def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
                    taus=(0.2, 0.05, 0.02), all_reduce=None, drift_loss=field.drift_loss,
-                   **field_kw):
+                   cached=None, **field_kw):
     """The official train_step's loss_fn for n groups (as data.draw_groups gives them): x =
     f(noise | label, alpha) embedded by phi WITH gradient, the real samples without; feature
     group (B, T, D) -> n * T drift-loss rows, one per (class group, token). Returns (sum over
     groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6).
     drift_loss: field.drift_loss (the reference) or field_fast.drift_loss (same numbers);
-    field_kw: its ablation options (kernel, kernel_norm, a, b...; field.drift_loss only)."""
+    field_kw: its ablation options (kernel, kernel_norm, a, b...; field.drift_loss only).
+    cached: {name: (N, T, D)} the real samples' features, precomputed (embed_all); then pos
+    and unc are item indices (n, N_pos), (n, N_unc) into it instead of images."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
     embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
         phi, MAEResNet) else phi                                # pixel models: MAE + ConvNeXt
     # App. A.7: unconditional negatives weighted w = (alpha - 1)(N_neg - 1) / N_unc (-1: self-mask)
     w_unc = (alpha.float() - 1) * (N_neg - 1) / max(1, N_unc)                      # (n,)
-    with torch.no_grad():
-        real = embed(torch.cat([pos, unc], 1).flatten(0, 1))  # name -> (n (N_pos+N_unc), T, D)
+    real = torch.cat([pos, unc], 1).flatten(0, 1)       # (n (N_pos+N_unc), C, H, W) or items
+    with torch.no_grad():   # phi is frozen: a real sample's features are the same every step
+        real = embed(real) if cached is None else {k: v[real] for k, v in cached.items()}
     x = net(noise, labels.repeat_interleave(N_neg), alpha.repeat_interleave(N_neg),
             style_idx=style_idx)                                # (n * N_neg, C, H, W)
     gen = embed(x)                                              # name -> (n * N_neg, T, D)
@@ -326,6 +339,15 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
         for tau in taus:
             V2[tau] = V2[tau] + info[f"loss_{tau}"] / len(gen)
     return loss, per_group, V2
+
+
+@torch.no_grad()
+def embed_all(phi, images, batch=250):
+    """images (N, C, H, W) -> {name: (N, T, D)}: every feature group of every real sample
+    once (--cache-features), in batches; the frozen MAE in eval mode is deterministic."""
+    parts = [feature_groups(phi, images[i:i + batch], **ACTIVATION_KWARGS)
+             for i in range(0, len(images), batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
@@ -451,6 +473,12 @@ def main(argv=None):
             held = take(images, held_idx, torch.Generator()).to(device)
             real = dict(fd_mae=mae_pooled(phi, held), fd_pix=pixels_pooled(held))
             images, labels = subset(images, train_idx), labels[train_idx]
+        cached = None
+        if args.cache_features:         # the sampler then draws item indices, not images
+            cached, images = embed_all(phi, images.to(device)), torch.arange(len(images))
+            if master:
+                print(f"--cache-features: {len(images)} real samples' feature groups, "
+                      f"{sum(v.numel() for v in cached.values()) * 4 / 2 ** 30:.2f} GiB")
         sampler, streams = TensorSampler(images, labels, args.seed), {}
         per_rank = args.n_classes_per_step // world
         mine = range(rank * per_rank, (rank + 1) * per_rank)    # this rank's global groups
@@ -528,7 +556,7 @@ def main(argv=None):
             loss, _, V2 = generator_loss(model, phi, *batch, taus=args.taus, all_reduce=(
                 lambda t: dist.all_reduce(t) or t) if ddp else None,    # sum, in place
                 drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss,
-                **ablation)
+                cached=cached, **ablation)
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
 
     def stopped(what):              # the error of a run that went non-finite
@@ -659,8 +687,8 @@ def main(argv=None):
                                                      [h["fd_mae"] for h in fd]),
                 "FD_pix / 100 (pooled pixels)": ([h["step"] for h in fd],
                                                  [h["fd_pix"] / 100 for h in fd])},
-                title=f"DriftDiT {args.model} on {args.data}: {args.eval_n}/class EMA samples "
-                f"vs {args.holdout}/class held out", ylabel="Frechet distance")
+                title=f"{args.model} on {args.data}: {args.eval_n}/class EMA vs "
+                f"{args.holdout}/class held out", ylabel="Frechet distance")
     if master and args.stage == "mae":   # held-out items, fixed masks, vs the mean image
         pick = lambda idx: take(images, idx, torch.Generator()).to(device)
         x_held, mean_image = pick(held_idx), pick(train_idx[::len(train_idx) // 5000 + 1]).mean(0)

@@ -260,6 +260,24 @@ def test_ablation_flags_train_and_need_the_reference_loss(files, tmp_path, capsy
     assert not (tmp_path / "refused").exists()
 
 
+def test_cached_real_features_train_as_the_per_step_ones(files, tmp_path, capsys):
+    """--cache-features (the real samples' feature groups computed once, the sampler drawing
+    item indices): the same draws and the same steps as computing them per step, up to the
+    rounding of another conv batch size; refused where the data is not in memory."""
+    w = {}
+    for name, flag in (("plain", "--no-cache-features"), ("cached", "--cache-features")):
+        train.main(gen_args(files, tmp_path / name, "--steps", 3, flag, mae=34))
+        w[name] = load_file(os.path.join(tmp_path / name, "model.safetensors"))
+    assert "feature groups" in capsys.readouterr().out
+    assert w["plain"]["final.linear.weight"].abs().sum() > 0       # the steps moved it
+    for k in w["plain"]:
+        torch.testing.assert_close(w["cached"][k], w["plain"][k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "S2", "--data", "latents", "--data-path", str(tmp_path),
+                          "--out", str(tmp_path / "latents"), "--cache-features"])
+    assert "--cache-features: for --data mnist5k" in capsys.readouterr().err
+
+
 def test_fd_pix_features_are_pooled_pixels():
     """FD_pix's features: MNIST 2x2 means (196-d), larger inputs pooled further (<= 256-d);
     FD of a set with itself is 0, and 4x4 blocks (the early generator's look) score far from
