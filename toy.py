@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -229,6 +230,11 @@ def train(args):
     return summary
 
 
+def slug(name):
+    """A row name -> its folder: "x and y (both)" -> "x_and_y_both", "V+ - V-" -> "V+_-_V-"."""
+    return re.sub(r"[^\w.+-]+", "_", name).strip("_")
+
+
 def ablate(args):
     """Every row of ABLATIONS[args.ablation] x args.seeds (a finished run, one whose log.txt
     ends with its summary, is read, not rerun) -> the markdown table (also table.md) and
@@ -243,7 +249,7 @@ def ablate(args):
     for ax, (name, (flags, paper)) in zip(axes[0], rows.items()):
         ratios = []
         for seed in args.seeds:
-            out = os.path.join(args.out, name.replace(" ", "_"), f"seed{seed}")
+            out = os.path.join(args.out, slug(name), f"seed{seed}")
             run = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": out,
                                         "ablation": None})
             done = os.path.exists(f"{out}/model.safetensors")      # written last, atomically
@@ -253,7 +259,7 @@ def ablate(args):
                 f"{', '.join(f'{r:.2f}' for r in ratios)} | {paper if paper else '-'} |")
         print(line, flush=True)
         lines.append(line)
-        first = os.path.join(args.out, name.replace(" ", "_"), f"seed{args.seeds[0]}")
+        first = os.path.join(args.out, slug(name), f"seed{args.seeds[0]}")
         model = MLP()
         model.load_state_dict(read_checkpoint(first, "mlp")[1])  # drawn over the data
         with torch.no_grad():

@@ -132,7 +132,7 @@ def test_schedules_follow_the_recipe():
     assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema, args.data) == \
         (4e-3, [0.9, 0.95], 0.01, 2.0, 0.9995, "latents")
     mnist = train.parse_args(["--stage", "mae"])
-    assert (mnist.data, mnist.batch, mnist.steps, mnist.out) == ("mnist5k", 64, 800,
+    assert (mnist.data, mnist.batch, mnist.steps, mnist.out) == ("mnist5k", 64, 400,
                                                                  "runs/mae_mnist")
     assert train.lr_at(0, args) == 1e-6 and abs(train.lr_at(5, args) - (1e-6 + 4e-3) / 2) < 1e-12
     assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
