@@ -18,6 +18,7 @@ Calc:     python fid.py calc --weights W.pth --samples samples.npz --ref ref_sta
 Floor:    python fid.py ref --weights W.pth --data mnist5k-b --out b.npz   # half vs half
           python fid.py calc --weights W.pth --data mnist5k-a --ref b.npz
 Steps:    python fid.py steps --weights W.pth --run runs/gen_mnist --ref b.npz  # FID vs step
+Table:    python fid.py table --ablation antisymmetry --weights W.pth --ref b.npz --out runs/t1
 DDP:      torchrun --nproc_per_node=8 fid.py calc ...   (same numbers as 1 process)
 """
 import argparse
@@ -395,18 +396,57 @@ def fid_vs_step(run, net, mu_r, sigma_r, per_class, alpha, batch, device):
                                 f"`train.py --snapshot-every N` (the S4 recipe keeps them)")
     rows = []
     for path in snaps:
-        model = load_checkpoint(path, device)
-        if model.cfg.out_channels not in (1, 3):
-            raise ValueError(f"{path}: a latent model; decode its samples with sample.py --vae "
-                             f"and use `fid.py calc`")
-        K = model.cfg.num_classes
-        get = lambda ix: decode(generate(model, list(ix), torch.tensor(ix) % K, alpha, 0,
-                                         device)).numpy()
-        mu, sigma, _ = inception_stats(net, get, K * per_class, batch, device)
-        rows.append((int(read_metadata(path)[1]["step"]), fid_from_stats(mu, sigma, mu_r,
-                                                                         sigma_r)))
+        fid = model_fid(load_checkpoint(path, device), net, mu_r, sigma_r, per_class, alpha,
+                        batch, device, path)
+        rows.append((int(read_metadata(path)[1]["step"]), fid))
         print(f"step {rows[-1][0]}: FID {rows[-1][1]:.2f}", flush=True)
     return rows
+
+
+def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
+    """FID of per_class samples of each class of a pixel generator, drawn as `sample.py
+    --num-samples` draws them (sample i: label i % K, seed (0, i))."""
+    from sample import decode, generate
+    if model.cfg.out_channels not in (1, 3):
+        raise ValueError(f"{name}: a latent model; decode its samples with sample.py --vae "
+                         f"and use `fid.py calc`")
+    K = model.cfg.num_classes
+    get = lambda ix: decode(generate(model, list(ix), torch.tensor(ix) % K, alpha, 0,
+                                     device)).numpy()
+    mu, sigma, _ = inception_stats(net, get, K * per_class, batch, device)
+    return fid_from_stats(mu, sigma, mu_r, sigma_r)
+
+
+def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device):
+    """`fid.py table`: each row of toy.ABLATIONS[name] trained with train.py's S4 recipe (the
+    reference drift loss, the row's flags, then train_args) into out/<row>, then the FID of
+    its EMA weights -> the markdown lines. A row with fid.json is read, not redone; a row
+    killed while training resumes from its checkpoint (train.py --resume)."""
+    import json
+    import train
+    from models import load_checkpoint, read_metadata
+    from sample import write_atomic
+    from toy import ABLATIONS, slug
+    lines = []
+    for row, (flags, paper) in ABLATIONS[name].items():
+        run, done = os.path.join(out, slug(row)), os.path.join(out, slug(row), "fid.json")
+        if not os.path.exists(done):
+            argv = ["--model", "S4", "--out", run, "--no-fast-loss", *train_args] + [
+                a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+            ckpt = os.path.join(run, "model.safetensors")
+            step = int(read_metadata(ckpt)[1]["step"]) if os.path.exists(ckpt) else -1
+            if step < train.parse_args(argv).steps:
+                train.main(argv + ["--resume"] * (step >= 0))
+            fid = model_fid(load_checkpoint(run, device), net, mu_r, sigma_r, per_class, 1.0,
+                            batch, device, run)
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(dict(fid=fid, flags=flags), f)
+            write_atomic(done, write)                           # renamed over: whole or absent
+        fid = json.load(open(done))["fid"]
+        lines.append(f"| {row} | {fid:.2f} | {paper if paper else '-'} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main():
@@ -423,7 +463,16 @@ def main():
     steps.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
     steps.add_argument("--per-class", type=int, default=250, help="samples per class")
     steps.add_argument("--alpha", type=float, default=1.0, help="CFG scale of the samples")
-    for q in ref, calc, steps:
+    table = sub.add_parser("table", help="a paper ablation on MNIST: train each row (S4 recipe) "
+                           "and its FID -> markdown table; finished rows are kept and skipped")
+    table.add_argument("--ablation", required=True, choices=["antisymmetry", "n_pos", "kernel"],
+                       help="the rows of toy.ABLATIONS (Tab. 1, Tab. 2, Tab. 11 + after)")
+    table.add_argument("--out", required=True, help="folder of the row runs and table.md")
+    table.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
+    table.add_argument("--per-class", type=int, default=250, help="samples per class")
+    table.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py flags "
+                       "for every row (e.g. -- --mae-ckpt runs/mae_mnist --steps 800)")
+    for q in ref, calc, steps, table:
         q.add_argument("--weights", required=True, help="pt_inception-2015-12-05-*.pth")
         q.add_argument("--batch", type=int, default=100, help="images per forward, per rank")
     for q in ref, calc:
@@ -439,6 +488,8 @@ def main():
     args = p.parse_args()
     if args.cmd != "convert-weights" and args.batch <= 0:
         p.error(f"--batch {args.batch}: must be > 0")
+    if args.cmd == "table" and args.per_class < 1:
+        p.error(f"--per-class {args.per_class} must be >= 1")
     if args.cmd == "steps" and (args.per_class < 1 or not np.isfinite(args.alpha)):
         p.error(f"--per-class {args.per_class} must be >= 1 and --alpha {args.alpha} finite")
     if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
@@ -457,7 +508,18 @@ def main():
     master = not ddp or dist.get_rank() == 0
     want_is = args.cmd == "calc" and args.inception_score
     # Every input is checked before the long pass: fail in seconds, not after it
-    mu_r, sigma_r = load_stats(args.ref) if args.cmd in ("calc", "steps") else (None, None)
+    mu_r, sigma_r = load_stats(args.ref) if args.cmd in ("calc", "steps", "table") else (
+        None, None)
+    if args.cmd == "table":
+        os.makedirs(args.out, exist_ok=True)
+        head = "| row | FID (MNIST, S4 recipe) | paper FID (ImageNet B/2) |\n|---|---|---|"
+        print(head, flush=True)
+        lines = ablation_table(args.ablation, args.out, [a for a in args.train_args if a != "--"],
+                               load_inception(args.weights, device), mu_r, sigma_r,
+                               args.per_class, args.batch, device)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            print(head, *lines, sep="\n", file=f)
+        return print(f"wrote {args.out}/table.md")
     if args.cmd == "steps":
         from sample import save_curves
         if not os.path.isdir(os.path.join(args.run, "snapshots")):
@@ -469,8 +531,8 @@ def main():
             table = "| step | FID |\n|---|---|\n" + "".join(f"| {s} | {f:.2f} |\n" for s, f in rows)
             with open(os.path.join(args.run, "fid_steps.md"), "w") as f:
                 f.write(table)
-            save_curves(os.path.join(args.run, "fid_steps.png"), {
-                f"FID, {args.per_class}/class EMA samples vs {os.path.basename(args.ref)}": tuple(zip(*rows))},
+            label = f"FID, {args.per_class}/class EMA samples vs {os.path.basename(args.ref)}"
+            save_curves(os.path.join(args.run, "fid_steps.png"), {label: tuple(zip(*rows))},
                 title=f"FID vs step: {args.run}", ylabel="FID")
             print(table + f"wrote {args.run}/fid_steps.md, fid_steps.png")
         return

@@ -344,3 +344,49 @@ def test_fid_vs_step_of_snapshots_equals_sample_then_calc(tmp_path, monkeypatch,
               "--ref", str(tmp_path / "ref.npz"), "--per-class", "2", "--batch", "7")
     assert "| 10 |" in out and (tmp_path / "run" / "fid_steps.png").stat().st_size > 0
     assert (tmp_path / "run" / "fid_steps.md").read_text().count("\n") == 4
+
+
+def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, capsys):
+    """`fid.py table --ablation antisymmetry`: a run per row with the row's flags (recorded in
+    its checkpoint), a line per row with its FID and the paper's; a rerun reads fid.json and
+    trains nothing; a row whose FID was lost is scored again from its weights (same number,
+    no retraining); the table is written (a stand-in network for the Inception)."""
+    import json
+    from encoder import MAEConfig, MAEResNet
+    from models import read_metadata, save_checkpoint
+    from test_train_mae import write_standin
+    write_standin(str(tmp_path / "digits.csv.gz"))
+    torch.manual_seed(0)
+    cfg = MAEConfig(in_channels=1, base_channels=8, layers=(1, 1, 1, 1), num_classes=10)
+    save_checkpoint(MAEResNet(cfg, with_heads=False), str(tmp_path / "mae.safetensors"),
+                    kind="mae")
+    train_args = ["--data-path", str(tmp_path / "digits.csv.gz"), "--mae-ckpt",
+                  str(tmp_path / "mae.safetensors"), "--n-classes-per-step", "2",
+                  "--gen-per-label", "4", "--n-pos", "3", "--n-unc", "2", "--steps", "2",
+                  "--warmup", "1", "--lr", "0.05", "--ema", "0", "--log-every", "1",
+                  "--sample-every", "0",
+                  "--eval-every", "0", "--snapshot-every", "0", "--device", "cpu"]
+    net = LinearFeatures()
+    ref = np.random.default_rng(1).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
+    mu_r, sigma_r, _ = fid.inception_stats(net, lambda ix: ref[ix], len(ref), 10)
+    out = tmp_path / "tab1"
+    lines = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1, 10,
+                               "cpu")
+    assert [l.split(" | ")[0] for l in lines][::5] == ["| V+ - V-", "| V+ only"]
+    assert lines[0].endswith("| 8.46 |") and len(lines) == 6
+    recorded = read_metadata(str(out / "V+_only"))[1]["args"]
+    assert (recorded["repel"], recorded["attract"], recorded["fast_loss"]) == (0.0, 1.0, False)
+    fids = [float(l.split(" | ")[1]) for l in lines]
+    assert len(set(fids)) > 1                                   # the rows trained differently
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
+    os.remove(out / "V+_only" / "fid.json")                     # as if killed while scoring
+    again = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1, 10,
+                               "cpu")
+    assert again == lines
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
+    np.savez(tmp_path / "ref.npz", mu=mu_r, sigma=sigma_r)
+    monkeypatch.setattr(fid, "load_inception", lambda path, device="cpu": net)
+    printed = cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W",
+                  "--ref", str(tmp_path / "ref.npz"), "--out", str(out), "--per-class", "1",
+                  "--batch", "10", "--", *train_args)
+    assert (out / "table.md").read_text().splitlines()[2:] == lines and lines[-1] in printed
