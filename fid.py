@@ -418,12 +418,12 @@ def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
 
 
 def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device):
-    """`fid.py table`: each row of toy.ABLATIONS[name] trained with train.py's S4 recipe (the
-    reference drift loss, the row's flags, then train_args) into out/<row>, then the FID of
-    its EMA weights -> the markdown lines. A row with fid.json is read, not redone; a row
-    killed while training resumes from its checkpoint (train.py --resume)."""
+    """`fid.py table`: each row of toy.ABLATIONS[name] trained by `python train.py` with the S4
+    recipe (the reference drift loss, the row's flags, then train_args) into out/<row>, then
+    the FID of its EMA weights -> the markdown lines. A row with fid.json is read, not redone;
+    a row killed while training resumes from its checkpoint (train.py --resume)."""
     import json
-    import train
+    import subprocess
     from models import load_checkpoint, read_metadata
     from sample import write_atomic
     from toy import ABLATIONS, slug
@@ -434,9 +434,14 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
             argv = ["--model", "S4", "--out", run, "--no-fast-loss", *train_args] + [
                 a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
             ckpt = os.path.join(run, "model.safetensors")
-            step = int(read_metadata(ckpt)[1]["step"]) if os.path.exists(ckpt) else -1
-            if step < train.parse_args(argv).steps:
-                train.main(argv + ["--resume"] * (step >= 0))
+            meta = read_metadata(ckpt)[1] if os.path.exists(ckpt) else None
+            left = meta is None or int(meta["step"]) < meta["args"]["steps"]
+            if left:                    # a process per row; no checkpoint: nothing to keep
+                argv.append("--overwrite" if meta is None else "--resume")
+                train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+                if subprocess.run([sys.executable, train_py, *argv]).returncode:
+                    raise RuntimeError(f"row {row!r}: python train.py {' '.join(argv)} failed "
+                                       f"(its message above); rerun `fid.py table` to go on")
             fid = model_fid(load_checkpoint(run, device), net, mu_r, sigma_r, per_class, 1.0,
                             batch, device, run)
             def write(tmp):
