@@ -236,9 +236,9 @@ def slug(name):
 
 
 def ablate(args):
-    """Every row of ABLATIONS[args.ablation] x args.seeds (a finished run, one whose log.txt
-    ends with its summary, is read, not rerun) -> the markdown table (also table.md) and
-    ablation.png, one scatter per row (the first seed)."""
+    """Every row of ABLATIONS[args.ablation] x args.seeds (a finished run, one with its
+    model.safetensors, is read from its log.txt, not rerun) -> the markdown table (also
+    table.md) and ablation.png, one scatter per row (the first seed)."""
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     rows, lines = ABLATIONS[args.ablation], []

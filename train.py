@@ -242,8 +242,7 @@ def parse_args(argv=None):
     if args.cache_features and args.data != "mnist5k":
         parser.error(f"--cache-features: for --data mnist5k (held in memory), not --data "
                      f"{args.data}; pass --no-cache-features")
-    ablated = {k: getattr(args, k) for k in ABLATION_FLAGS if getattr(args, k) !=
-               parser.get_default(k)}
+    ablated = [k for k in ABLATION_FLAGS if getattr(args, k) != parser.get_default(k)]
     if ablated and args.fast_loss:
         parser.error(f"{' '.join('--' + k.replace('_', '-') for k in ablated)}: the ablations "
                      f"are in field.drift_loss only; add --no-fast-loss")

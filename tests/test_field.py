@@ -23,6 +23,14 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+def loss_info_grad(gen, pos, neg, w_neg, **kw):
+    """drift_loss on a fresh leaf copy of gen -> (loss, info, d sum(loss) / d gen)."""
+    x = gen.clone().requires_grad_(True)
+    loss, info = drift_loss(x, pos, neg, w_neg=w_neg, **kw)
+    loss.sum().backward()
+    return loss.detach(), info, x.grad
+
+
 def test_all_golden_cases_present():
     """The 7 official cases a-g are all copied into tests/fixtures (none silently skipped)."""
     names = [os.path.basename(c)[6:7] for c in CASES]
@@ -250,11 +258,7 @@ def test_chunked_equals_whole(chunk_rows, budget):
     gen, pos, neg = (torch.randn(7, n, 16, generator=g) for n in (12, 10, 4))
     w_neg = torch.rand(7, 4, generator=g) * 2
 
-    def run(**kw):
-        x = gen.clone().requires_grad_(True)
-        loss, info = drift_loss(x, pos, neg, w_neg=w_neg, **kw)
-        loss.sum().backward()
-        return loss.detach(), info, x.grad
+    run = lambda **kw: loss_info_grad(gen, pos, neg, w_neg, **kw)
 
     whole = run(chunk_rows=7, memory_budget=2**40)
     part = run(chunk_rows=chunk_rows, memory_budget=budget)
@@ -329,11 +333,7 @@ def test_ablation_defaults_are_bitwise_the_default():
     gen, pos, neg = (torch.randn(3, n, 8, generator=g) for n in (10, 12, 3))
     w_neg = torch.rand(3, 3, generator=g) * 2
 
-    def run(**kw):
-        x = gen.clone().requires_grad_(True)
-        loss, info = drift_loss(x, pos, neg, w_neg=w_neg, **kw)
-        loss.sum().backward()
-        return loss.detach(), info, x.grad
+    run = lambda **kw: loss_info_grad(gen, pos, neg, w_neg, **kw)
 
     ref, new = run(), run(a=1.0, b=1.0, kernel="laplace", kernel_norm="both", sinkhorn_iters=3)
     assert torch.equal(ref[0], new[0]) and torch.equal(ref[2], new[2])
