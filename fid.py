@@ -417,8 +417,9 @@ def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
     return fid_from_stats(mu, sigma, mu_r, sigma_r)
 
 
-def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device):
-    """`fid.py table`: each row of toy.ABLATIONS[name] trained by `python train.py` with the S4
+def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device,
+                   rows=None):
+    """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by `python train.py` with the S4
     recipe (the reference drift loss, the row's flags, then train_args) into out/<row>, then
     the FID of its EMA weights -> the markdown lines. A row with fid.json is read, not redone;
     a row killed while training resumes from its checkpoint (train.py --resume)."""
@@ -429,6 +430,8 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
     from toy import ABLATIONS, slug
     lines = []
     for row, (flags, paper) in ABLATIONS[name].items():
+        if rows and row not in rows:
+            continue
         run, done = os.path.join(out, slug(row)), os.path.join(out, slug(row), "fid.json")
         if not os.path.exists(done):
             argv = ["--model", "S4", "--out", run, "--no-fast-loss", *train_args] + [
@@ -475,6 +478,8 @@ def main():
     table.add_argument("--out", required=True, help="folder of the row runs and table.md")
     table.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
     table.add_argument("--per-class", type=int, default=250, help="samples per class")
+    table.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows, by name "
+                       "(e.g. \"V+ - V-\" \"V+ only\"); default: all of the table's")
     table.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py flags "
                        "for every row (e.g. -- --mae-ckpt runs/mae_mnist --steps 800)")
     for q in ref, calc, steps, table:
@@ -495,6 +500,11 @@ def main():
         p.error(f"--batch {args.batch}: must be > 0")
     if args.cmd == "table" and args.per_class < 1:
         p.error(f"--per-class {args.per_class} must be >= 1")
+    if args.cmd == "table" and args.rows:
+        from toy import ABLATIONS
+        if set(args.rows) - set(ABLATIONS[args.ablation]):
+            p.error(f"--rows {sorted(set(args.rows) - set(ABLATIONS[args.ablation]))}: not rows "
+                    f"of --ablation {args.ablation}, which are {list(ABLATIONS[args.ablation])}")
     if args.cmd == "steps" and (args.per_class < 1 or not np.isfinite(args.alpha)):
         p.error(f"--per-class {args.per_class} must be >= 1 and --alpha {args.alpha} finite")
     if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
@@ -521,7 +531,7 @@ def main():
         print(head, flush=True)
         lines = ablation_table(args.ablation, args.out, [a for a in args.train_args if a != "--"],
                                load_inception(args.weights, device), mu_r, sigma_r,
-                               args.per_class, args.batch, device)
+                               args.per_class, args.batch, device, args.rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             print(head, *lines, sep="\n", file=f)
         return print(f"wrote {args.out}/table.md")

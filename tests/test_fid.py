@@ -390,3 +390,13 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
                   "--ref", str(tmp_path / "ref.npz"), "--out", str(out), "--per-class", "1",
                   "--batch", "10", "--", *train_args)
     assert (out / "table.md").read_text().splitlines()[2:] == lines and lines[-1] in printed
+    # --rows: only the named rows, in the table's order (both finished above: nothing trains)
+    cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W", "--ref",
+        str(tmp_path / "ref.npz"), "--out", str(out), "--rows", "V+ only", "V+ - V-", "--",
+        *train_args)
+    assert (out / "table.md").read_text().splitlines()[2:] == [lines[0], lines[5]]
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W",
+            "--ref", "r.npz", "--out", str(out), "--rows", "V+ - 3V-")
+    assert "'V+ - 3V-'" in capsys.readouterr().err
