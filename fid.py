@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 SIDE = 299          # Inception input side
@@ -389,7 +390,6 @@ def fid_vs_step(run, net, mu_r, sigma_r, per_class, alpha, batch, device):
     per_class samples of each class drawn as `sample.py --num-samples` draws them (sample i:
     label i % K, seed (0, i)), so a row equals sample.py + `fid.py calc` on that snapshot."""
     from models import load_checkpoint, read_metadata
-    from sample import decode, generate
     snaps = sorted(glob.glob(os.path.join(run, "snapshots", "ema_*.safetensors")))
     if not snaps:
         raise FileNotFoundError(f"{run}/snapshots: no EMA snapshots; train with "
@@ -421,14 +421,15 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
                    rows=None):
     """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by `python train.py` with the S4
     recipe (the reference drift loss, the row's flags, then train_args) into out/<row>, then
-    the FID of its EMA weights -> the markdown lines. A row with fid.json is read, not redone;
-    a row killed while training resumes from its checkpoint (train.py --resume)."""
+    the FID of its EMA weights -> the markdown lines, and out/ablation.png (a panel of samples
+    per row). A row with fid.json is read, not redone; a row killed while training resumes
+    from its checkpoint (train.py --resume)."""
     import json
     import subprocess
     from models import load_checkpoint, read_metadata
     from sample import write_atomic
     from toy import ABLATIONS, slug
-    lines = []
+    lines, panels = [], []
     for row, (flags, paper) in ABLATIONS[name].items():
         if rows and row not in rows:
             continue
@@ -454,7 +455,35 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
         fid = json.load(open(done))["fid"]
         lines.append(f"| {row} | {fid:.2f} | {paper if paper else '-'} |")
         print(lines[-1], flush=True)
+        panels.append((row, fid, row_samples(load_checkpoint(run, device), device)))
+    ablation_figure(os.path.join(out, "ablation.png"), panels)
     return lines
+
+
+def row_samples(model, device, per_class=4):
+    """The first per_class EMA samples of each class as the FID draws them (sample i: label
+    i % K, seed (0, i)), alpha 1 -> one uint8 grid (K H, per_class W), a row per class."""
+    from sample import decode, generate
+    K = model.cfg.num_classes
+    index = [k + K * j for k in range(K) for j in range(per_class)]          # class-major
+    x = decode(generate(model, index, torch.tensor(index) % K, 1.0, 0, device)).numpy()
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)  # a white frame
+    return rearrange(x, "(k j) h w c -> (k h) (j w) c", k=K)
+
+
+def ablation_figure(path, panels):
+    """[(row, FID, grid)] -> one PNG, a panel per row titled with its FID."""
+    import matplotlib
+    matplotlib.use("Agg")                                            # files only, no window
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 * len(panels), 4.2), squeeze=False)
+    for ax, (row, fid, grid) in zip(axes[0], panels):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{row}\nFID {fid:.1f}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():

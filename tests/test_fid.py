@@ -390,13 +390,34 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
                   "--ref", str(tmp_path / "ref.npz"), "--out", str(out), "--per-class", "1",
                   "--batch", "10", "--", *train_args)
     assert (out / "table.md").read_text().splitlines()[2:] == lines and lines[-1] in printed
+    from PIL import Image
+    wide = Image.open(out / "ablation.png").size                # a panel per row: 6
     # --rows: only the named rows, in the table's order (both finished above: nothing trains)
     cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W", "--ref",
         str(tmp_path / "ref.npz"), "--out", str(out), "--rows", "V+ only", "V+ - V-", "--",
         *train_args)
     assert (out / "table.md").read_text().splitlines()[2:] == [lines[0], lines[5]]
+    assert Image.open(out / "ablation.png").size[0] < wide[0] / 2          # 2 panels
     assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     with pytest.raises(SystemExit):
         cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W",
             "--ref", "r.npz", "--out", str(out), "--rows", "V+ - 3V-")
     assert "'V+ - 3V-'" in capsys.readouterr().err
+
+
+def test_row_samples_puts_class_k_seed_j_at_row_k_column_j():
+    """The ablation figure's panel: sample (class k, j-th of its class) = sample index
+    k + K j as the FID draws it, framed in white, at row k, column j."""
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models
+    from sample import decode, generate
+    torch.manual_seed(0)
+    model = DriftDiT(DriftDiTConfig(**{**DriftDiT_models["S4"], "depth": 1})).eval()
+    with torch.no_grad():
+        model.final.linear.weight.normal_(0, 0.5)               # zero-init output: all gray
+    grid = fid.row_samples(model, "cpu", per_class=2)
+    assert grid.shape == (10 * 30, 2 * 30, 1)
+    for k, j in ((0, 0), (7, 1), (3, 1)):
+        one = decode(generate(model, [k + 10 * j], torch.tensor([k]), 1.0, 0, "cpu"))[0]
+        assert np.array_equal(grid[k * 30 + 1:k * 30 + 29, j * 30 + 1:j * 30 + 29], one)
+        assert (grid[k * 30, j * 30:j * 30 + 30] == 255).all()
+    assert not np.array_equal(grid[1:29, 1:29], grid[31:59, 1:29])   # the classes differ
