@@ -419,8 +419,9 @@ def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
 
 def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device,
                    rows=None):
-    """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by `python train.py` with the S4
-    recipe (the reference drift loss, the row's flags, then train_args) into out/<row>, then
+    """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by
+    `python train.py` with the S4 recipe (the reference drift loss, the row's flags, then
+    train_args) into out/<row>, then
     the FID of its EMA weights -> the markdown lines, and out/ablation.png (a panel of samples
     per row). A row with fid.json is read, not redone; a row killed while training resumes
     from its checkpoint (train.py --resume)."""
@@ -531,9 +532,10 @@ def main():
         p.error(f"--per-class {args.per_class} must be >= 1")
     if args.cmd == "table" and args.rows:
         from toy import ABLATIONS
-        if set(args.rows) - set(ABLATIONS[args.ablation]):
-            p.error(f"--rows {sorted(set(args.rows) - set(ABLATIONS[args.ablation]))}: not rows "
-                    f"of --ablation {args.ablation}, which are {list(ABLATIONS[args.ablation])}")
+        known = ABLATIONS[args.ablation]
+        if set(args.rows) - set(known):
+            p.error(f"--rows {sorted(set(args.rows) - set(known))}: not rows of --ablation "
+                    f"{args.ablation}, which are {list(known)}")
     if args.cmd == "steps" and (args.per_class < 1 or not np.isfinite(args.alpha)):
         p.error(f"--per-class {args.per_class} must be >= 1 and --alpha {args.alpha} finite")
     if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
