@@ -424,13 +424,15 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
     train_args) into out/<row>, then
     the FID of its EMA weights -> the markdown lines, and out/ablation.png (a panel of samples
     per row). A row with fid.json is read, not redone; a row killed while training resumes
-    from its checkpoint (train.py --resume)."""
+    from its checkpoint (train.py --resume). A row whose train.py fails (a diverged ablation)
+    is a "failed" line and the other rows still run. Returns (lines, failed rows' commands);
+    `fid.py table` writes table.md, then exits 1 naming them (one bad row loses no others)."""
     import json
     import subprocess
     from models import load_checkpoint, read_metadata
     from sample import write_atomic
     from toy import ABLATIONS, slug
-    lines, panels = [], []
+    lines, panels, failed = [], [], []
     for row, (flags, paper) in ABLATIONS[name].items():
         if rows and row not in rows:
             continue
@@ -445,8 +447,11 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
                 argv.append("--overwrite" if meta is None else "--resume")
                 train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
                 if subprocess.run([sys.executable, train_py, *argv]).returncode:
-                    raise RuntimeError(f"row {row!r}: python train.py {' '.join(argv)} failed "
-                                       f"(its message above); rerun `fid.py table` to go on")
+                    failed.append(f"{row!r}: python train.py {' '.join(argv)}")
+                    lines.append(f"| {row} | failed (train.py's message above) | "
+                                 f"{paper if paper else '-'} |")
+                    print(lines[-1], flush=True)
+                    continue
             fid = model_fid(load_checkpoint(run, device), net, mu_r, sigma_r, per_class, 1.0,
                             batch, device, run)
             def write(tmp):
@@ -457,8 +462,9 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
         lines.append(f"| {row} | {fid:.2f} | {paper if paper else '-'} |")
         print(lines[-1], flush=True)
         panels.append((row, fid, row_samples(load_checkpoint(run, device), device)))
-    ablation_figure(os.path.join(out, "ablation.png"), panels)
-    return lines
+    if panels:
+        ablation_figure(os.path.join(out, "ablation.png"), panels)
+    return lines, failed
 
 
 def row_samples(model, device, per_class=4):
@@ -560,12 +566,18 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         head = "| row | FID (MNIST, S4 recipe) | paper FID (ImageNet B/2) |\n|---|---|---|"
         print(head, flush=True)
-        lines = ablation_table(args.ablation, args.out, [a for a in args.train_args if a != "--"],
-                               load_inception(args.weights, device), mu_r, sigma_r,
-                               args.per_class, args.batch, device, args.rows)
+        lines, failed = ablation_table(args.ablation, args.out, [a for a in args.train_args
+                                                                 if a != "--"],
+                                       load_inception(args.weights, device), mu_r, sigma_r,
+                                       args.per_class, args.batch, device, args.rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             print(head, *lines, sep="\n", file=f)
-        return print(f"wrote {args.out}/table.md")
+        print(f"wrote {args.out}/table.md")
+        if failed:              # after the table: the finished rows are written and kept
+            sys.exit(f"fid.py: error: {len(failed)} row(s) failed, the others are in "
+                     f"table.md: {'; '.join(failed)}. Rerun `fid.py table` to retry them "
+                     f"(a killed row resumes from its checkpoint)")
+        return
     if args.cmd == "steps":
         from sample import save_curves
         if not os.path.isdir(os.path.join(args.run, "snapshots")):

@@ -370,8 +370,9 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
     ref = np.random.default_rng(1).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
     mu_r, sigma_r, _ = fid.inception_stats(net, lambda ix: ref[ix], len(ref), 10)
     out = tmp_path / "tab1"
-    lines = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1, 10,
-                               "cpu")
+    lines, failed = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r,
+                                       1, 10, "cpu")
+    assert failed == []
     assert [l.split(" | ")[0] for l in lines][::5] == ["| V+ - V-", "| V+ only"]
     assert lines[0].endswith("| 8.46 |") and len(lines) == 6
     recorded = read_metadata(str(out / "V+_only"))[1]["args"]
@@ -380,8 +381,8 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
     assert len(set(fids)) > 1                                   # the rows trained differently
     stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     os.remove(out / "V+_only" / "fid.json")                     # as if killed while scoring
-    again = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1, 10,
-                               "cpu")
+    again, _ = fid.ablation_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1,
+                                  10, "cpu")
     assert again == lines
     assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     np.savez(tmp_path / "ref.npz", mu=mu_r, sigma=sigma_r)
@@ -403,6 +404,24 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
         cli(monkeypatch, capsys, "table", "--ablation", "antisymmetry", "--weights", "W",
             "--ref", "r.npz", "--out", str(out), "--rows", "V+ - 3V-")
     assert "'V+ - 3V-'" in capsys.readouterr().err
+    # a row whose train.py fails (here: --lr 1e30 diverges) is a "failed" line; the rows after
+    # it still train and score; table.md is written, then the command exits 1 naming the row
+    import subprocess
+    out2, real_run = tmp_path / "tab11", subprocess.run
+    def run(argv, **kw):                    # only the "y only" row gets the diverging lr
+        if "y" in argv and "--kernel-norm" in argv:
+            argv = [*argv[:argv.index("--lr")], "--lr", "1e30", *argv[argv.index("--lr") + 2:]]
+        return real_run(argv, **kw)
+    monkeypatch.setattr("subprocess.run", run)
+    with pytest.raises(SystemExit) as e:
+        cli(monkeypatch, capsys, "table", "--ablation", "kernel", "--weights", "W", "--ref",
+            str(tmp_path / "ref.npz"), "--out", str(out2), "--rows", "y only", "none", "--",
+            *train_args)
+    assert "1 row(s) failed" in str(e.value) and "'y only'" in str(e.value)
+    table = (out2 / "table.md").read_text().splitlines()[2:]
+    assert table[0].startswith("| y only | failed") and table[1].startswith("| none | ")
+    assert float(table[1].split(" | ")[1]) > 0 and (out2 / "none" / "fid.json").exists()
+    assert not (out2 / "y_only" / "fid.json").exists()
 
 
 def test_row_samples_puts_class_k_seed_j_at_row_k_column_j():
