@@ -436,6 +436,7 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
     for row, (flags, paper) in ABLATIONS[name].items():
         if rows and row not in rows:
             continue
+        line = lambda value: f"| {row} | {value} | {paper if paper else '-'} |"
         run, done = os.path.join(out, slug(row)), os.path.join(out, slug(row), "fid.json")
         if not os.path.exists(done):
             argv = ["--model", "S4", "--out", run, "--no-fast-loss", *train_args] + [
@@ -448,8 +449,7 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
                 train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
                 if subprocess.run([sys.executable, train_py, *argv]).returncode:
                     failed.append(f"{row!r}: python train.py {' '.join(argv)}")
-                    lines.append(f"| {row} | failed (train.py's message above) | "
-                                 f"{paper if paper else '-'} |")
+                    lines.append(line("failed (train.py's message above)"))
                     print(lines[-1], flush=True)
                     continue
             fid = model_fid(load_checkpoint(run, device), net, mu_r, sigma_r, per_class, 1.0,
@@ -459,7 +459,7 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
                     json.dump(dict(fid=fid, flags=flags), f)
             write_atomic(done, write)                           # renamed over: whole or absent
         fid = json.load(open(done))["fid"]
-        lines.append(f"| {row} | {fid:.2f} | {paper if paper else '-'} |")
+        lines.append(line(f"{fid:.2f}"))
         print(lines[-1], flush=True)
         panels.append((row, fid, row_samples(load_checkpoint(run, device), device)))
     if panels:
@@ -566,8 +566,8 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         head = "| row | FID (MNIST, S4 recipe) | paper FID (ImageNet B/2) |\n|---|---|---|"
         print(head, flush=True)
-        lines, failed = ablation_table(args.ablation, args.out, [a for a in args.train_args
-                                                                 if a != "--"],
+        train_args = [a for a in args.train_args if a != "--"]
+        lines, failed = ablation_table(args.ablation, args.out, train_args,
                                        load_inception(args.weights, device), mu_r, sigma_r,
                                        args.per_class, args.batch, device, args.rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
