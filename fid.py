@@ -420,8 +420,8 @@ def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
 def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device,
                    rows=None):
     """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by
-    `python train.py` with the S4 recipe (the reference drift loss, the row's flags, then
-    train_args) into out/<row>, then
+    `python train.py` with the S4 recipe (the reference drift loss, V+ - V-, train_args, then
+    the row's flags) into out/<row>, then
     the FID of its EMA weights -> the markdown lines, and out/ablation.png (a panel of samples
     per row). A row with fid.json is read, not redone; a row killed while training resumes
     from its checkpoint (train.py --resume). A row whose train.py fails (a diverged ablation)
@@ -439,7 +439,9 @@ def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, 
         line = lambda value: f"| {row} | {value} | {paper if paper else '-'} |"
         run, done = os.path.join(out, slug(row)), os.path.join(out, slug(row), "fid.json")
         if not os.path.exists(done):
-            argv = ["--model", "S4", "--out", run, "--no-fast-loss", *train_args] + [
+            # a = b = 1 unless the row or train_args say otherwise: the S4 recipe's a is 1.5
+            argv = ["--model", "S4", "--out", run, "--no-fast-loss", "--attract", "1",
+                    "--repel", "1", *train_args] + [
                 a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
             ckpt = os.path.join(run, "model.safetensors")
             meta = read_metadata(ckpt)[1] if os.path.exists(ckpt) else None

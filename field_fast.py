@@ -4,8 +4,9 @@ rounding), fewer passes.
 
 field.py is the reference, written as the official drift_loss.py; read that one. This file is
 the one speed path it has, chosen in train.py by --fast-loss (the README gives the measured
-step times behind its default). Same signature and semantics as field.drift_loss; kernel_norm
-other than "both" falls back to the reference. Where the time goes, and what is done here:
+step times behind its default). Same signature and semantics as field.drift_loss, a V+ - b V-
+(Tab. 1) included; another kernel_norm or kernel falls back to the reference. Where the time
+goes, and what is done here:
 - Both softmaxes cost an exp per element (8x a multiply on our CPUs). With m_i = min_j d_ij,
   n_j = min_i d_ij and h = -log2(e) / (2 tau), row = 2^(h (d - m_i)), col = 2^(h (d - n_j)):
   softmax_j = row^2 / Zr_i, softmax_i = col^2 / Zc_j, so A = row col / sqrt(Zr_i Zc_j): two
@@ -13,7 +14,8 @@ other than "both" falls back to the reference. Where the time goes, and what is 
   A (S_neg A_pos - S_pos A_neg), so the 1 / sqrt(Zr_i) factor goes into the row sums.
 - Exponents are clamped at 2^-50: torch's exp2 and multiplies slow down 2x on denormals, and
   anything clamped is far below the floor that replaces it.
-- The coefficients' row sum is 0, so the official - sum_j R_ij x_i term is dropped (~1e-7).
+- For a = b the coefficients' row sum is 0, so the official - sum_j R_ij x_i term is dropped
+  (~1e-7); for a != b it is (a - b) S_pos S_neg, subtracted once per row.
 - The final MSE is an autograd Function whose residual buffer becomes the gradient: two
   gen-sized tensors fewer than autograd keeps (gigabytes at paper scale).
 
@@ -47,8 +49,9 @@ def affinity(d, h, floor):
     return A, rZr
 
 
-def forces(d, y, w, n_neg, h, floor, out_scale):
-    """V_tau for every tau, times out_scale: (r, T, C_g, S), one matrix product."""
+def forces(d, y, w, n_neg, h, floor, out_scale, x=None, a=1.0, b=1.0):
+    """V_tau for every tau, times out_scale: (r, T, C_g, S), one matrix product. x (r, C_g, S):
+    the generated features, needed only for a != b."""
     A, rZr = affinity(d, h, floor)
     if w is not None:
         A.mul_(w[:, None, None, :])                                  # CFG weights after norm
@@ -56,10 +59,13 @@ def forces(d, y, w, n_neg, h, floor, out_scale):
     A_neg, A_pos = A[..., :n_neg], A[..., n_neg:]
     S_neg = A_neg.sum(-1, keepdim=True).mul_(norm)                   # (r, T, C_g, 1)
     S_pos = A_pos.sum(-1, keepdim=True).mul_(norm)
-    A_neg.mul_(-S_pos)
-    A_pos.mul_(S_neg)                                                # the signed coefficients
+    A_neg.mul_(-b * S_pos)
+    A_pos.mul_(a * S_neg)                                            # the signed coefficients
     r, T, C_g, M = A.shape
-    return torch.bmm(A.view(r, T * C_g, M), y).view(r, T, C_g, -1)  # (r, T, C_g, S)
+    V = torch.bmm(A.view(r, T * C_g, M), y).view(r, T, C_g, -1)     # (r, T, C_g, S)
+    if a != b:                                          # - sum_m R_m x: the mean-shift form
+        V.sub_((a - b) * S_pos * S_neg / norm * x[:, None])
+    return V
 
 
 class FixedPointLoss(torch.autograd.Function):
@@ -80,11 +86,13 @@ class FixedPointLoss(torch.autograd.Function):
 
 def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None,
-               chunk_rows=None, memory_budget=2 ** 31):
+               chunk_rows=None, memory_budget=2 ** 31, kernel="laplace", a=1.0, b=1.0,
+               sinkhorn_iters=20):
     """field.drift_loss, faster: the same arguments, loss (B,) and info."""
-    if kernel_norm != "both":
+    if kernel_norm != "both" or kernel != "laplace":
         return field.drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, taus, kernel_norm, floor,
-                                all_reduce, chunk_rows, memory_budget)
+                                all_reduce, chunk_rows, memory_budget, kernel, a, b,
+                                sinkhorn_iters)
     with torch.autocast(device_type=gen.device.type, enabled=False):
         B, C_g, S = gen.shape
         x, pos = gen.detach().float(), pos.float()
@@ -125,7 +133,8 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             def forces_of(i, r):                                     # (r, T, C_g, S) / s_in
                 d, y = kept[i] if keep else cdist(r)
                 d[:, :, :C_g].diagonal(dim1=1, dim2=2).add_(100.0 * d_unit)   # self-mask
-                return forces(d, y, None if w is None else w[r], C_g + C_n, h, floor, 1 / s_in)
+                return forces(d, y, None if w is None else w[r], C_g + C_n, h, floor, 1 / s_in,
+                              x[r], a, b)
 
             V2 = torch.zeros(T, dtype=torch.float64, device=x.device)
             for i, r in enumerate(chunks):                           # pass 2: per-tau RMS

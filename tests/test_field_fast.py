@@ -94,10 +94,22 @@ def test_fast_all_reduce_split_equals_reference():
     assert rel_err(torch.cat([out[0], out[1]]), whole) < TOL
 
 
+@pytest.mark.parametrize("a,b", [(1.5, 1.0), (1.0, 1.5), (1.0, 0.0), (2.0, 2.0)])
+def test_fast_attract_repel_equals_reference(a, b):
+    """V = a V+ - b V- (Tab. 1) with CFG weights, chunked: the reference's numbers to TOL; for
+    a != b the coefficients no longer sum to 0 and the - sum_m R_m x term must be kept."""
+    g = torch.Generator().manual_seed(3)
+    gen, pos, neg = (torch.randn(5, n, 16, generator=g) for n in (8, 32, 4))
+    w_neg = torch.rand(5, 4, generator=g) * 2
+    assert_same_numbers(*both((gen, pos, neg), dict(w_neg=w_neg, a=a, b=b), chunk_rows=2))
+
+
 def test_other_kernel_norms_fall_back_to_the_reference():
-    """kernel_norm other than "both" is the reference's computation, bit for bit."""
+    """kernel_norm other than "both", or the Gaussian kernel, is the reference's computation,
+    bit for bit."""
     g = torch.Generator().manual_seed(2)
     gen, pos = torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g)
-    for k in ("y", "none", "per_set"):
-        assert torch.equal(field_fast.drift_loss(gen, pos, kernel_norm=k)[0],
-                           field.drift_loss(gen, pos, kernel_norm=k)[0])
+    for kw in (dict(kernel_norm="y"), dict(kernel_norm="none"), dict(kernel_norm="per_set"),
+               dict(kernel_norm="sinkhorn", sinkhorn_iters=3), dict(kernel="gaussian")):
+        assert torch.equal(field_fast.drift_loss(gen, pos, **kw)[0],
+                           field.drift_loss(gen, pos, **kw)[0])
