@@ -195,9 +195,9 @@ def make_parser(recipe):
       "model.safetensors), the second encoder")
     g("--convnext-model", choices=list(ConvNeXt_models), default="base", help="its preset")
     g("--sample-every", type=int, default=5000, help="EMA sample grid every N steps; 0 = end")
-    g("--eval-every", type=int, default=0, help="every N steps: FD_MAE and FD_pix of --eval-n "
-      "EMA samples per class vs --holdout held-out real ones per class (then not trained on); "
-      "0 = off")
+    g("--eval-every", type=int, default=0, help="every N steps: FD_MAE, FD_pix and cls_acc "
+      "(samples nearest their own class's mean, in FD_pix's features) of --eval-n EMA samples "
+      "per class vs --holdout held-out real ones per class (then not trained on); 0 = off")
     g("--eval-n", type=int, default=50, help="EMA samples per class of the FD metrics")
     g("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps in "
       "snapshots/ (fid.py steps: FID vs step); 0 = off (small models only)")
@@ -379,6 +379,16 @@ def frechet(a, b):
     return fid_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+def class_accuracy(a, labels, b, b_labels):
+    """Share of the samples a (n, D) whose nearest class mean of b (m, D) is their own label:
+    cls_acc. FD and FID pool the classes and miss a generator that draws one digit for every
+    label (README, the S4 search); this does not. labels (n,), b_labels (m,): numpy ints."""
+    classes = np.unique(b_labels)
+    means = np.stack([b[b_labels == c].mean(0) for c in classes])      # (K, D)
+    nearest = ((a[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)    # (n,)
+    return float((classes[nearest] == labels).mean())
+
+
 # --- Main: DDP init, data, models, optimizer, then the loop ---
 def main(argv=None):
     args = parse_args(argv)
@@ -475,7 +485,8 @@ def main(argv=None):
                                  f"or --eval-every 0")
             train_idx, held_idx = split_per_class(labels, args.holdout)
             held = take(images, held_idx, torch.Generator()).to(device)
-            real = dict(fd_mae=mae_pooled(phi, held), fd_pix=pixels_pooled(held))
+            real = dict(fd_mae=mae_pooled(phi, held), fd_pix=pixels_pooled(held),
+                        labels=labels[held_idx].numpy())
             images, labels = subset(images, train_idx), labels[train_idx]
         cached = None
         if args.cache_features:         # the sampler then draws item indices, not images
@@ -623,7 +634,9 @@ def main(argv=None):
                                     args.sample_alpha, 2, device)
                            for i in range(0, len(lab), 250)])           # (K eval_n, C, H, W)
             avg["fd_mae"] = frechet(mae_pooled(phi, x), real["fd_mae"])
-            avg["fd_pix"] = frechet(pixels_pooled(x), real["fd_pix"])
+            pix = pixels_pooled(x)
+            avg["fd_pix"] = frechet(pix, real["fd_pix"])
+            avg["cls_acc"] = class_accuracy(pix, lab.numpy(), real["fd_pix"], real["labels"])
         mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
         extra = " | ".join(f"{k} {v:.4g}" for k, v in avg.items() if k not in ("loss", "gnorm"))
@@ -637,7 +650,8 @@ def main(argv=None):
             with open(jsonl, "a") as f:            # the same line for programs: log.jsonl
                 row = dict(step=done, **avg, lr=lr, img_s=round(img_s, 1), gb=round(mem, 3))
                 if args.eval_every:
-                    row.setdefault("fd_mae", None), row.setdefault("fd_pix", None)
+                    for k in ("fd_mae", "fd_pix", "cls_acc"):
+                        row.setdefault(k, None)
                 print(json.dumps(row), file=f)
         if save_now:
             # The update must have left usable weights: every weight and EMA tensor finite, and

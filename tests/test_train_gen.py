@@ -298,6 +298,19 @@ def test_fd_pix_features_are_pooled_pixels():
     assert train.frechet(train.pixels_pooled(blocks[1::2]), a) > 3 * train.frechet(b, a)
 
 
+def test_class_accuracy_sees_a_generator_that_ignores_its_label():
+    """cls_acc: real digits score far above chance against the held-out class means, and the
+    same digits under shuffled labels (a generator that ignores its label) score near chance,
+    though FD_pix cannot tell the two sets apart (the same images)."""
+    images, labels = data.mnist5k()
+    train_idx, held_idx = data.split_per_class(labels, 50)
+    held, lab = train.pixels_pooled(images[held_idx]), labels[held_idx].numpy()
+    x, x_lab = train.pixels_pooled(images[train_idx[::9]]), labels[train_idx[::9]].numpy()
+    shuffled = np.random.default_rng(0).permutation(x_lab)
+    assert train.class_accuracy(x, x_lab, held, lab) > 0.6
+    assert train.class_accuracy(x, shuffled, held, lab) < 0.2
+
+
 def test_progress_metric_log_and_snapshots(files, tmp_path):
     """--eval-every: FD_MAE (EMA samples of fixed seeds vs the held-out digits, MAE layer-4
     features) in log.jsonl at every eval step, one row per log interval with the named columns;
@@ -314,9 +327,10 @@ def test_progress_metric_log_and_snapshots(files, tmp_path):
     rows = [json.loads(line) for line in open(straight / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "loss", "gnorm", "V2_0.2", "V2_0.05", "V2_0.02", "lr",
-                            "img_s", "gb", "fd_mae", "fd_pix"}
+                            "img_s", "gb", "fd_mae", "fd_pix", "cls_acc"}
     assert rows[0]["fd_mae"] is None and all(rows[i]["fd_mae"] > 0 for i in (1, 3))
     assert rows[0]["fd_pix"] is None and all(rows[i]["fd_pix"] > 0 for i in (1, 3))
+    assert rows[0]["cls_acc"] is None and all(0 <= rows[i]["cls_acc"] <= 1 for i in (1, 3))
     again = [json.loads(line) for line in open(split / "log.jsonl")]
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     drop = lambda r: {k: v for k, v in r.items() if k not in ("img_s", "gb")}
