@@ -9,8 +9,8 @@ Train a Drifting Model generator, or its feature encoder. One loop, plain python
 Flag defaults are the recipe of the --model (or of the MAE) on the same command line: `python
 train.py --model L2 --help` shows what L2 runs; a flag given overrides it.
 
-    python train.py --stage mae                   # MNIST-5k MAE, CPU: ~2.5-4 min (2 cores)
-    python train.py --model S4                    # the generator on its features: ~11 min
+    python train.py --stage mae                   # MNIST-5k MAE, CPU: ~1 min (2 cores)
+    python train.py --model S4                    # the generator on its features: ~12 min
     python train.py --model S4 --steps 2000 --resume     # continue that run, with its own flags
     torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
 
@@ -56,8 +56,8 @@ RECIPES = {
     "mae": dict(data="latents", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
                 weight_decay=0.01, ema=0.9995),
     # --mae-model mnist (CPU, MNIST-5k's 4,500 training digits): the paper's batch 8192 would
-    # be ~2 epochs per step and ~20 GB; 400 steps of 64 take ~2.7 min on 2 cores, and the S4
-    # generator trained on it was no worse than on 800 steps' MAE (README, the 15-min search)
+    # be ~2 epochs per step and ~20 GB; 400 steps of 64 take ~1 min on 2 cores, and the S4
+    # generator trained on the per-pixel 400-step MAE was no worse than on 800 steps (README)
     "mae_mnist": dict(data="mnist5k", out="runs/mae_mnist", steps=400, batch=64, lr=4e-3,
                       warmup=50, weight_decay=0.01, ema=0.99, log_every=50, ckpt_every=200),
     # B/2 sizes with the ablation recipe of Tab. 8 (N_pos: paper B/2 128, official code 64)
@@ -77,20 +77,20 @@ RECIPES = {
                 gen_per_label=64, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01, warmup=10000,
                 ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True),
     # CPU presets. S4: MNIST-5k in 15 minutes with its MAE (README: the search). EMA 0.99 and
-    # lr 2e-3 as a CPU run is 560 steps, not 30k (the zero-initialized output starts gray and
+    # lr 2e-3 as a CPU run is 1200 steps, not 30k (the zero-initialized output starts gray and
     # moves ~lr per step toward the black background); all 10 classes in every step (3 per
     # step lost the classes, README); 8 generated but 32 positives per class, as more
     # positives help (Tab. 2) and cost little with --cache-features; field_fast, as the loss
-    # is a large share of a CPU step (README).
+    # is a large share of a CPU step (README). Its MAE (the mnist preset) sees 2x2 patches.
     # NOTE: attract=1.5 (V = 1.5 V+ - V-) departs from the paper's V+ - V- on purpose: far from
-    # equilibrium (560 steps) the extra pull toward the data is worth tens of FID on MNIST
-    # (README, Tab. 1 on MNIST), while only a = b keeps q = p as the fixed point, which matters
-    # for long runs; --attract 1 gives the paper's field. S8: the pixel path, 64x64.
-    "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=560, n_classes_per_step=10,
+    # equilibrium (1200 steps) the extra pull toward the data is worth FID on MNIST (README,
+    # the search), while only a = b keeps q = p as the fixed point, which matters for long
+    # runs; --attract 1 gives the paper's field. S8: the pixel path, 64x64.
+    "S4": dict(data="mnist5k", out="runs/gen_mnist", steps=1200, n_classes_per_step=10,
                gen_per_label=8, n_pos=32, n_unc=4, lr=2e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0, mae_ckpt="runs/mae_mnist",
-               device="cpu", log_every=20, ckpt_every=140, sample_every=140, fast_loss=True,
-               cache_features=True, eval_every=140, snapshot_every=140, attract=1.5),
+               device="cpu", log_every=20, ckpt_every=300, sample_every=300, fast_loss=True,
+               cache_features=True, eval_every=300, snapshot_every=300, attract=1.5),
     "S2": dict(data="latents", out="runs/S2", steps=1000, n_classes_per_step=8,
                gen_per_label=16, n_pos=16, n_unc=4, lr=1e-3, weight_decay=0.01, warmup=50,
                ema=0.99, cfg_power=3.0, no_cfg_frac=0.0),
@@ -161,7 +161,7 @@ def make_parser(recipe):
     a("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
     g = p.add_argument_group("--stage mae (App. A.3)").add_argument
     g("--mae-model", choices=list(MAE_models), default="mnist", help="encoder.MAE_models preset "
-      "and its recipe (mnist: the CPU one; the others: the paper's)")
+      "and its recipe (mnist, mnist_pixel: the CPU one; the others: the paper's)")
     g("--batch", type=int, help="mae: global batch, split over the ranks (gen: N_c * N_neg)")
     g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
@@ -223,8 +223,8 @@ def parse_args(argv=None):
     value is checked here, before any work."""
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = given(argv, "--stage", "gen")
-    parser = make_parser(RECIPES.get(("mae" if given(argv, "--mae-model", "mnist") != "mnist"
-                                      else "mae_mnist") if stage == "mae" else
+    parser = make_parser(RECIPES.get(("mae_mnist" if given(argv, "--mae-model", "mnist")
+                                      .startswith("mnist") else "mae") if stage == "mae" else
                                      given(argv, "--model", "S4"), {}))
     args = parser.parse_args(argv)
     if args.resume:
@@ -457,7 +457,7 @@ def main(argv=None):
             raise ValueError(f"--mae-ckpt {args.mae_ckpt}: no such file or run folder. The "
                              f"generator needs a trained feature encoder: train it first with "
                              f"`python train.py --stage mae --out {args.mae_ckpt or 'runs/mae'}` "
-                             f"(MNIST, CPU: ~5 min), or convert an official MAE with convert.py")
+                             f"(MNIST, CPU: ~1 min), or convert an official MAE with convert.py")
         phi = mae_from_state(*read_checkpoint(args.mae_ckpt, "mae")[:2], encoder_only=True)
         phi = phi.to(device).requires_grad_(False).eval()      # frozen; x still gets grads
         if phi.cfg.in_channels != cfg.in_channels:

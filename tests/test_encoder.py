@@ -146,19 +146,20 @@ def test_loader_names_missing_and_misshaped_tensors():
 
 
 def test_weights_of_another_mae_are_named():
-    """mae_from_state on tensors of another architecture (the MNIST MAE's under the tiny config)
-    names the config and the first mismatched tensors, instead of a raw size-mismatch error;
-    the matching weights still load."""
+    """mae_from_state on tensors of another architecture (the per-pixel MNIST MAE's under the
+    tiny config) names the config and the first mismatched tensors, instead of a raw
+    size-mismatch error; the matching weights still load."""
     torch.manual_seed(0)
-    mnist = MAEResNet(MAEConfig(**MAE_models["mnist"]), with_heads=False).state_dict()
+    mnist = MAEResNet(MAEConfig(**MAE_models["mnist_pixel"]), with_heads=False).state_dict()
     tiny = MAE_models["tiny"]
     with pytest.raises(ValueError, match=r"their config \{'in_channels': 4.*encoder\.conv1\.weight "
                        r"\(32, 1, 3, 3\) \(the config's: \(32, 4, 3, 3\)\).*more; pass the "
                        r"--mae-ckpt made for this --mae-model / data"):
         encoder.mae_from_state(tiny, mnist, encoder_only=True)
     with pytest.raises(ValueError, match="unexpected encoder.extra"):
-        encoder.mae_from_state(MAE_models["mnist"], {**mnist, "encoder.extra": torch.zeros(1)})
-    model = encoder.mae_from_state(MAE_models["mnist"], mnist, encoder_only=True)
+        encoder.mae_from_state(MAE_models["mnist_pixel"],
+                               {**mnist, "encoder.extra": torch.zeros(1)})
+    model = encoder.mae_from_state(MAE_models["mnist_pixel"], mnist, encoder_only=True)
     assert torch.equal(model.state_dict()["encoder.conv1.weight"], mnist["encoder.conv1.weight"])
 
 

@@ -125,8 +125,8 @@ def test_sampler_is_seeded_resumable_and_grouped():
 def test_schedules_follow_the_recipe():
     """MAE: lr rises linearly from 1e-6 over the warmup, then stays constant (App. A.3);
     the cls weight is 0 before --cls-start, then ramps linearly to 0.1 and stays there. The
-    paper's recipe goes with the paper's MAEs; --mae-model mnist (the default) has a CPU one
-    whose batch fits MNIST-5k's 4,500 training digits."""
+    paper's recipe goes with the paper's MAEs; --mae-model mnist (the default) and mnist_pixel
+    have a CPU one whose batch fits MNIST-5k's 4,500 training digits."""
     args = train.parse_args(["--stage", "mae", "--mae-model", "latent_256", "--data-path", "C",
                              "--warmup", "10", "--cls-start", "100", "--cls-ramp", "20"])
     assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema, args.data) == \
@@ -134,6 +134,8 @@ def test_schedules_follow_the_recipe():
     mnist = train.parse_args(["--stage", "mae"])
     assert (mnist.data, mnist.batch, mnist.steps, mnist.out) == ("mnist5k", 64, 400,
                                                                  "runs/mae_mnist")
+    pixel = train.parse_args(["--stage", "mae", "--mae-model", "mnist_pixel"])
+    assert vars(pixel) == {**vars(mnist), "mae_model": "mnist_pixel"}
     assert train.lr_at(0, args) == 1e-6 and abs(train.lr_at(5, args) - (1e-6 + 4e-3) / 2) < 1e-12
     assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
     lam = [train.cls_lambda(s, args) for s in (99, 100, 110, 120, 5000)]
