@@ -404,6 +404,8 @@ def feature_groups(model, x, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_
 # ------------------------------------------------------------------------------------------
 _PAPER = dict(layers=(3, 4, 6, 3), patch_size=2, num_classes=1000, dropout_prob=0.0,
               use_bf16=True)
+_MNIST = dict(in_channels=1, base_channels=32, layers=(1, 1, 1, 1), patch_size=2, num_classes=10,
+              dropout_prob=0.0, use_bf16=False)
 MAE_models = {
     "latent_256": dict(in_channels=4, base_channels=256, input_patch_size=1, **_PAPER),
     # ^ 431.35M params (encoder 340.22M): ablation MAE, configs/mae/latent_ablation_256.yaml
@@ -414,15 +416,11 @@ MAE_models = {
     "tiny": dict(in_channels=4, base_channels=32, layers=(2, 2, 2, 2), input_patch_size=1,
                  patch_size=2, num_classes=10, dropout_prob=0.0, use_bf16=False),
     # ^ 4.19M params (encoder 2.80M): CPU tests and demos; C_0 = 32 is the decoder's minimum
-    "mnist": dict(in_channels=1, base_channels=32, layers=(1, 1, 1, 1), input_patch_size=2,
-                  patch_size=2, num_classes=10, dropout_prob=0.0, use_bf16=False),
-    # ^ 2.62M params (encoder 1.23M): MNIST-5k pixels for the CPU MAE run, seen as 2x2
-    # patches (28x28x1 -> 14x14x4) as pixel_640 sees 8x8 ones: its finest feature map is a
-    # patch grid, never single pixels (README, MNIST in 15 minutes: speckle-free and a step
-    # half as long; per-pixel features gave FID 103 in 15 minutes, 2x2 patches 3x better)
-    "mnist_pixel": dict(in_channels=1, base_channels=32, layers=(1, 1, 1, 1),
-                        input_patch_size=1, patch_size=2, num_classes=10, dropout_prob=0.0,
-                        use_bf16=False),
+    "mnist": dict(input_patch_size=2, **_MNIST),
+    # ^ 2.62M params (encoder 1.23M): the CPU MAE run on MNIST-5k seen as 2x2 patches (28x28x1
+    # -> 14x14x4), as pixel_640 sees 8x8 ones: the finest feature map is a patch grid (README,
+    # MNIST in 15 minutes: per-pixel features gave speckle and FID 103, these 35.78)
+    "mnist_pixel": dict(input_patch_size=1, **_MNIST),
     # ^ 2.62M params (encoder 1.23M): the mnist MAE on single pixels (the preset until
     # 2026-12-03), kept for the README's comparison and the MNIST ablation rows made with it
     "pixel_tiny": dict(in_channels=3, base_channels=32, layers=(1, 1, 1, 1), input_patch_size=8,
