@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import importlib.util
-import math
 import os
 import platform
 import random
@@ -36,6 +35,7 @@ import torch
 import field
 import field_fast
 from field import drift_loss
+from metrics import PEAK_BF16, step_flops
 
 LOSS_SHAPES = [(64, 64, 64, 16, 256), (256, 64, 64, 16, 64), (1024, 64, 64, 16, 32),
                (16, 64, 128, 32, 640)]                               # (rows, C_g, C_p, C_n, S)
@@ -50,22 +50,23 @@ def chunk_rows(C_g, M, T=len(TAUS)):
 
 def timeit(fn, repeat=7, warmup=2):
     """Median wall time of fn() in seconds."""
-    return timeit_all({"fn": fn}, repeat, warmup)["fn"]
+    return in_turns(lambda k, s: fn(), ["fn"], repeat, warmup)["fn"]
 
 
-def timeit_all(fns, repeat=7, warmup=2):
-    """Median wall times (s) of several functions, run in turns, so that a change in the load
-    of a shared machine hits all of them alike and their ratios stay meaningful."""
-    for fn in fns.values():
+def in_turns(step, keys, repeat=7, warmup=2, shuffle=False):
+    """Median wall times (s) of step(key, s) for each key, run in turns (in a shuffled order
+    per round with shuffle), so that a change in the load of a shared machine hits all of
+    them alike and their ratios stay meaningful. s: the round, 0 in the warm-up."""
+    for k in keys:
         for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+            step(k, 0)
+    times = {k: [] for k in keys}
+    for s in range(repeat):
+        for k in random.Random(s).sample(list(keys), len(keys)) if shuffle else keys:
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            step(k, s)
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
 def inputs(rows, C_g, C_p, C_n, S, seed=0):
@@ -89,7 +90,7 @@ def loss_fns(baseline=None):
 
 def bench_loss(baseline=None):
     fns = loss_fns(baseline)
-    print(f"\n### drift_loss value + gradient (ms, median of 11, all run in turns)\n")
+    print("\n### drift_loss value + gradient (ms, median of 11, all run in turns)\n")
     extra = " | baseline | reference / baseline | fast / baseline" if baseline else ""
     print(f"| rows, C_g, C_p, C_n, S | matmul floor | floor in row chunks | reference | fast | "
           f"reference / floor | fast / floor{extra} |")
@@ -113,9 +114,9 @@ def bench_loss(baseline=None):
                 loss_fn(x, pos, neg, w_neg=w_neg)[0].sum().backward()
             return f
 
-        t = timeit_all({"floor": lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)),
-                        "chunked": floor_chunked, **{k: run(f) for k, f in fns.items()}},
-                       repeat=11)
+        fs = {"floor": lambda: (torch.bmm(gen, y.mT), torch.bmm(A, y)),
+              "chunked": floor_chunked, **{k: run(f) for k, f in fns.items()}}
+        t = in_turns(lambda k, s: fs[k](), fs, repeat=11)
         line = (f"| {shape} | {t['floor'] * 1e3:.1f} | {t['chunked'] * 1e3:.1f} | "
                 f"{t['reference'] * 1e3:.1f} | {t['fast'] * 1e3:.1f} | "
                 f"{t['reference'] / t['floor']:.2f} | {t['fast'] / t['floor']:.2f}")
@@ -183,49 +184,44 @@ def bench_memory(rows_list=(2048, 8192), big=65536):
 
 
 def bench_models():
-    try:
-        from models import DriftDiT, DriftDiTConfig, DriftDiT_models
-    except ImportError:
-        print("\n(models.py has no DriftDiT yet)")
-        return
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models
     print("\n### DriftDiT forward + backward, tiny presets (ms, median of 5)\n")
     print("| preset | params | batch | input | fwd+bwd ms | samples/s |")
     print("|---|---|---|---|---|---|")
-    for name, preset in DriftDiT_models.items():
-        cfg = DriftDiTConfig(**preset)
-        if cfg.hidden_size > 512:                                    # paper sizes: GPU only
-            continue
+    for name in TINY:                                                # paper sizes: GPU only
+        cfg = DriftDiTConfig(**DriftDiT_models[name])
         model, B = DriftDiT(cfg), 64
         noise = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size)
-        labels = torch.randint(0, cfg.num_classes, (B,))
-        alpha = torch.ones(B)
-
-        def step():
-            model(noise, labels, alpha).square().mean().backward()
-
-        t = timeit(step, repeat=5, warmup=1)
+        labels, alpha = torch.randint(0, cfg.num_classes, (B,)), torch.ones(B)
+        t = timeit(lambda: model(noise, labels, alpha).square().mean().backward(), 5, 1)
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n / 1e6:.2f}M | {B} | {cfg.in_channels}x{cfg.input_size}x"
               f"{cfg.input_size} | {t * 1e3:.0f} | {B / t:.0f} |")
 
 
-# tiny CPU presets -> the MAE preset their feature encoder has (train.py --stage mae makes it)
-TINY_MAE = {"S2": "tiny", "S4": "mnist", "S8": "pixel_tiny"}
+# the presets' feature encoders: the recipes' MAE on GPUs, one CPU size for the tiny ones
+# (train.py --stage mae makes them); S8 also has ConvNeXt, as the pixel recipes
+ENCODER = {"S2": "tiny", "S4": "mnist", "S8": "pixel_tiny", "B2": "latent_640",
+           "L2": "latent_640"}
+TINY = ["S2", "S4", "S8"]
 
 
-def tiny_setup(name):
-    """A tiny preset's generator, frozen random feature encoder(s) (S8: MAE + ConvNeXt, as the
-    pixel recipes) and a sampler over random data, with the preset's train.RECIPES sizes."""
-    import train
-    from data import TensorSampler
+def setup(name, device="cpu"):
+    """A preset's recipe (config.RECIPES sizes), its generator and frozen random feature
+    encoder(s), initialized on `device` (no CPU copy of the paper sizes), and a sampler over
+    random data (64 samples of each of the step's classes), its EMA and AdamW -> (args, cfg,
+    model, ema, opt, mae, phi, sampler); phi: the MAE, or for S8 x -> MAE + ConvNeXt groups."""
+    from config import parse_args
     from convnext import ConvNeXt_models, ConvNeXtV2, pixel_feature_groups
+    from data import TensorSampler
     from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet
     from models import DriftDiT, DriftDiTConfig, DriftDiT_models
-    args = train.parse_args(["--model", name, "--data-path", "unused"])   # the recipe's sizes
+    args = parse_args(["--model", name, "--data-path", "unused"])   # the recipe's sizes
     torch.manual_seed(0)
     cfg = DriftDiTConfig(**DriftDiT_models[name])
-    model = DriftDiT(cfg)
-    mae = MAEResNet(MAEConfig(**MAE_models[TINY_MAE[name]]), with_heads=False)
+    with torch.device(device):
+        model = DriftDiT(cfg)
+        mae = MAEResNet(MAEConfig(**MAE_models[ENCODER[name]]), with_heads=False)
     phi = mae.eval().requires_grad_(False)
     if name == "S8":
         convnext = ConvNeXtV2(**ConvNeXt_models["tiny"]).eval().requires_grad_(False)
@@ -233,7 +229,11 @@ def tiny_setup(name):
     K = args.n_classes_per_step
     images = torch.randn(K * 64, cfg.in_channels, cfg.input_size, cfg.input_size).clamp(-1, 1)
     sampler = TensorSampler(images, torch.arange(K * 64) % K, args.seed)
-    return args, cfg, model, phi, sampler
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay,
+                            fused=torch.device(device).type == "cuda")
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    return args, cfg, model, ema, opt, mae, phi, sampler
 
 
 def bench_train(baseline=None, repeat=15):
@@ -241,6 +241,7 @@ def bench_train(baseline=None, repeat=15):
     forward, feature groups, drift_loss per group; backward, clip, AdamW, EMA), with each
     drift loss, in shuffled turns: a change in the load of the machine hits all alike."""
     import train
+    from config import draw_numbers
     from data import draw_groups
     from models import update_ema
     fns = loss_fns(baseline)
@@ -250,20 +251,16 @@ def bench_train(baseline=None, repeat=15):
           + (" | reference / baseline | fast / baseline" if baseline else "")
           + " | samples/s (fast) |")
     print("|---" * (6 + len(fns) + 2 * bool(baseline)) + "|")
-    for name in TINY_MAE:
-        args, cfg, model, phi, sampler = tiny_setup(name)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                weight_decay=args.weight_decay)
+    for name in TINY:
+        args, cfg, model, ema, opt, _, phi, sampler = setup(name)
         groups, calls = range(args.n_classes_per_step), []
 
-        def step(fn, s):                                             # the loop's body
+        def step(k, s):                                              # the loop's body
             def counted(gen, *a, **kw):
                 calls.append(gen.shape[0])
-                return fn(gen, *a, **kw)
+                return fns[k](gen, *a, **kw)
             calls.clear()
-            t0 = time.perf_counter()
-            batch = draw_groups(sampler, cfg, args, s, groups)
+            batch = draw_groups(sampler, cfg, s, groups, **draw_numbers(args))
             loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus,
                                               drift_loss=counted)
             opt.zero_grad(set_to_none=True)
@@ -271,16 +268,8 @@ def bench_train(baseline=None, repeat=15):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             update_ema(ema, model, args.ema)
-            return time.perf_counter() - t0
 
-        for fn in fns.values():                                      # warm-up
-            step(fn, 0)
-        times, order = {k: [] for k in fns}, list(fns)
-        for s in range(repeat):
-            random.Random(s).shuffle(order)
-            for k in order:
-                times[k].append(step(fns[k], s))
-        t = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        t = in_turns(step, list(fns), repeat, warmup=1, shuffle=True)
         line = (f"| {name} | {args.n_classes_per_step} x ({args.gen_per_label}, {args.n_pos}, "
                 f"{args.n_unc}) | {len(calls)} | {sum(calls)} | "
                 + " | ".join(f"{t[k] * 1e3:.0f}" for k in fns)
@@ -296,11 +285,11 @@ def bench_cache(repeat=9):
     groups computed every step vs gathered from the cache (same numbers, tested), in
     shuffled turns, for several N_pos; a random MNIST-size MAE (speed does not depend on it)."""
     import train
+    from cache import embed_all
+    from config import draw_numbers
     from data import TensorSampler, draw_groups
-    import field_fast
-    args, cfg, model, phi, sampler = tiny_setup("S4")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    cache = train.embed_all(phi, sampler.images)
+    args, cfg, model, _, opt, _, phi, sampler = setup("S4")
+    cache = embed_all(phi, sampler.images)
     index = TensorSampler(torch.arange(len(sampler.labels)), sampler.labels, args.seed)
     print(f"\n### `train.py --cache-features`: one S4 step, ms (median of {repeat}, in turns)\n")
     print("| groups x (gen, pos, unc) | real features per step | cached | cached / per step |")
@@ -309,21 +298,15 @@ def bench_cache(repeat=9):
         a = argparse.Namespace(**{**vars(args), "gen_per_label": 8, "n_pos": n_pos})
 
         def step(cached, s):                                         # the loop's body
-            t0 = time.perf_counter()
-            batch = draw_groups(index if cached else sampler, cfg, a, s, range(10))
+            batch = draw_groups(index if cached else sampler, cfg, s, range(10),
+                                **draw_numbers(a))
             loss, _, _ = train.generator_loss(model, phi, *batch, taus=a.taus,
                                               drift_loss=field_fast.drift_loss,
                                               cached=cache if cached else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return time.perf_counter() - t0
-        step(False, 0), step(True, 0)                                # warm-up
-        t = {False: [], True: []}
-        for s in range(repeat):
-            for c in random.Random(s).sample([False, True], 2):
-                t[c].append(step(c, s))
-        m = {c: sorted(v)[len(v) // 2] * 1e3 for c, v in t.items()}
+        m = {c: t * 1e3 for c, t in in_turns(step, [False, True], repeat, 1, True).items()}
         print(f"| 10 x (8, {n_pos}, 4) | {m[False]:.0f} | {m[True]:.0f} | "
               f"{m[True] / m[False]:.2f} |")
 
@@ -336,8 +319,8 @@ def bench_sample(batch=64):
     print(f"\n### `sample.py` one-step sampling, batch {batch} (median of 5)\n")
     print("| preset | output | ms per batch | samples/s |")
     print("|---|---|---|---|")
-    for name in TINY_MAE:
-        args, cfg, model, phi, sampler = tiny_setup(name)
+    for name in TINY:
+        args, cfg, model, _, _, _, phi, sampler = setup(name)
         model.eval()
         labels = torch.arange(batch) % cfg.num_classes
 
@@ -355,48 +338,6 @@ def bench_sample(batch=64):
 # ------------------------------------------------------------------------------------------
 # The GPU table: the paper-size train step on one device (`--only gpu`; tiny presets on a CPU)
 # ------------------------------------------------------------------------------------------
-GPU_MAE = {"B2": "latent_640", "L2": "latent_640", "S2": "tiny"}   # the recipes' encoders
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def dit_flops(cfg):
-    """Forward matmul FLOPs of DriftDiT per sample (2 per multiply-add; norms, RoPE, adds not
-    counted). T = (H/p)^2 patch tokens, N = K + T tokens, H_m the SwiGLU width, L blocks:
-      2 [T p^2 C_in D  (x_embed)  +  Dc D (cls_proj)  +  256 Dc + Dc^2 (alpha MLP)
-         + L (6 Dc D (adaLN) + 4 N D^2 (qkv, proj) + 2 N^2 D (QK^T, AV) + 3 N D H_m (SwiGLU))
-         + 2 Dc D + N D p^2 C_out  (final adaLN and linear, on all N tokens)]"""
-    D, Dc, p, L = cfg.hidden_size, cfg.cond_dim, cfg.patch_size, cfg.depth
-    T = (cfg.input_size // p) ** 2
-    N, Hm = cfg.n_cls_tokens + T, (int(2 / 3 * int(D * cfg.mlp_ratio)) + 31) // 32 * 32
-    return 2 * (T * p * p * cfg.in_channels * D + Dc * D + 256 * Dc + Dc * Dc
-                + L * (6 * Dc * D + 4 * N * D * D + 2 * N * N * D + 3 * N * D * Hm)
-                + 2 * Dc * D + N * D * p * p * cfg.out_channels)
-
-
-def mae_flops(cfg, size):
-    """Forward conv FLOPs of the MAE encoder per sample on a size x size input (before input
-    patching). C = p^2 C_img channels on an h = size/p grid; stage i has width D_i = C_0 2^i on
-    h_i = ceil(h_{i-1} / 2) (h_0 = h), its first block strides 2 for i > 0:
-      2 [9 C C_0 h^2  (stem)  +  sum_i (9 D_in D_i h_i^2 + 9 D_i^2 h_i^2 (first block)
-         + [i > 0] D_{i-1} D_i h_i^2 (1x1 projection) + (n_i - 1) 18 D_i^2 h_i^2)]"""
-    h, c = size // cfg.input_patch_size, cfg.in_channels * cfg.input_patch_size ** 2
-    total, d_in = 9 * c * cfg.base_channels * h * h, cfg.base_channels
-    for i, n in enumerate(cfg.layers):
-        d = cfg.base_channels * 2 ** i
-        h = (h - 1) // 2 + 1 if i > 0 else h
-        total += 9 * d_in * d * h * h + 9 * d * d * h * h + (d_in * d * h * h if i > 0 else 0)
-        total += (n - 1) * 18 * d * d * h * h
-        d_in = d
-    return 2 * total
-
-
-def step_flops(cfg, mae_cfg, n_gen, n_real):
-    """Model FLOPs of one generator step: generator forward + backward (3x its forward), the
-    encoder on the generated samples forward + input-gradient backward (2x: frozen weights),
-    on the real ones forward only. The drift loss's matmuls are left out (timed apart)."""
-    return 3 * n_gen * dit_flops(cfg) + (2 * n_gen + n_real) * mae_flops(mae_cfg, cfg.input_size)
-
-
 def sdpa_op(fn):
     """The aten scaled_dot_product_attention kernel `fn()` dispatches to (profiler op names:
     ..._flash_attention, ..._efficient_attention, ..._cudnn_attention, ..._attention_math)."""
@@ -407,19 +348,122 @@ def sdpa_op(fn):
     return ", ".join(sorted(n[len("aten::_scaled_dot_product_"):] for n in names)) or "none"
 
 
-def bench_gpu(device, presets, steps=3, compile_check=True, out=None):
-    """Per preset: the paper's per-GPU share (groups / 8), halved until it fits; `steps` warm
-    steps of train.py's loop body timed by phase (CUDA events; perf_counter on a CPU), peak
-    memory, MFU from step_flops, the SDPA kernel (eager and torch.compile), then a 1-process
-    torchrun step of train.py. Random weights and data: nothing to download."""
+def phase_timer(cuda):
+    """-> (spans {phase: [(start, end)]}, timed(phase, fn): fn recording its span, seconds:
+    spans -> {phase: s}); CUDA events on a GPU (no sync inside the step), perf_counter else."""
+    spans = {}
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def timed(phase, fn):
+        def run(*a, **kw):
+            start, y = mark(), fn(*a, **kw)
+            spans.setdefault(phase, []).append((start, mark()))
+            return y
+        return run
+    span = lambda a, b: a.elapsed_time(b) / 1e3 if cuda else b - a
+    return spans, timed, lambda: {k: sum(span(a, b) for a, b in v) for k, v in spans.items()}
+
+
+def sdpa_kernels(model, cfg, device, amp, compile_check):
+    """The SDPA kernel of a forward, eager and under torch.compile (or why not)."""
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+
+    def forward(m):
+        with torch.no_grad(), amp:
+            m(x, torch.zeros(len(x), dtype=torch.long, device=device), 1.0)
+    eager, compiled = sdpa_op(lambda: forward(model)), "skipped"
+    if compile_check:
+        t0 = time.perf_counter()
+        try:
+            fast = torch.compile(model)
+            forward(fast)                       # the compile itself
+            compiled = (f"{sdpa_op(lambda: forward(fast))} (compiled in "
+                        f"{time.perf_counter() - t0:.0f} s)")
+        except Exception as e:              # report, do not stop the table
+            compiled = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    return eager, compiled
+
+
+def gpu_row(preset, device, steps, compile_check):
+    """One preset: the paper's per-GPU share (groups / 8), halved until it fits; `steps` warm
+    steps of train.py's loop body timed by phase -> the table's row."""
     import train
-    from data import TensorSampler, draw_groups
-    from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups
-    from models import DriftDiT, DriftDiTConfig, DriftDiT_models, update_ema
+    from config import draw_numbers
+    from data import draw_groups
+    from encoder import ACTIVATION_KWARGS, feature_groups
+    from models import update_ema
+    args, cfg, model, ema, opt, mae, _, sampler = setup(preset, device)
+    cuda, n_groups = device.type == "cuda", max(1, args.n_classes_per_step // 8)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
+    spans, timed, seconds = phase_timer(cuda)
+    gen = timed("gen fwd", model)
+    phi = timed("encoder fwd", lambda x: feature_groups(mae, x, **ACTIVATION_KWARGS))
+    loss_fn = timed("drift loss", field.drift_loss)
+
+    def optimize():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, args.ema)
+
+    def step(s, groups):                        # train.py's loop body, timed by phase
+        spans.clear()
+        batch = [x.to(device) for x in draw_groups(sampler, cfg, s, range(groups),
+                                                         **draw_numbers(args))]
+
+        def body():
+            with amp:
+                loss = train.generator_loss(gen, phi, *batch, taus=args.taus,
+                                            drift_loss=loss_fn)[0]
+            timed("backward", loss.backward)()
+            timed("optimizer", optimize)()
+        timed("step", body)()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return seconds()
+
+    while True:                                 # the per-GPU share, halved until it fits
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            step(0, n_groups)
+            runs = [step(s + 1, n_groups) for s in range(steps)]
+            break
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            spans.clear()
+            torch.cuda.empty_cache()
+            if n_groups == 1:
+                raise
+            n_groups //= 2
+    med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+    n_gen, n_real = n_groups * args.gen_per_label, n_groups * (args.n_pos + args.n_unc)
+    name = torch.cuda.get_device_name(device) if cuda else ""
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    mfu = step_flops(cfg, mae.cfg, n_gen, n_real) / med["step"] / peak if peak else None
+    mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if cuda else "n/a"
+    share = lambda k: f"{100 * med.get(k, 0) / med['step']:.0f}%"
+    eager, compiled = sdpa_kernels(model, cfg, device, amp, compile_check)
+    return (f"| {preset} | {ENCODER[preset]} | {n_groups} x ({args.gen_per_label}, "
+            f"{args.n_pos}, {args.n_unc}) | {med['step']:.3f} | {n_gen / med['step']:.0f} | "
+            f"{mem} | " + (f"{100 * mfu:.1f}%" if mfu else "n/a") + " | "
+            + " | ".join(share(k) for k in ("gen fwd", "encoder fwd", "drift loss", "backward",
+                                            "optimizer")) + f" | {eager} | {compiled} |")
+
+
+def bench_gpu(device, presets, steps=3, compile_check=True, out=None):
+    """Per preset a row of gpu_row (step time, img/s, peak memory, MFU from step_flops, phase
+    shares, the SDPA kernel eager and compiled), then a 1-process torchrun step of train.py.
+    Random weights and data: nothing to download."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     lines = [f"### Train step on one {name} ({'bf16 autocast' if cuda else 'fp32, CPU'}, "
              f"random weights, median of {steps} warm steps)\n",
              "| preset | MAE | groups x (gen, pos, unc) | step s | gen img/s | peak GB | MFU "
@@ -427,117 +471,19 @@ def bench_gpu(device, presets, steps=3, compile_check=True, out=None):
              "compiled |", "|---" * 14 + "|"]
     print("\n".join(lines))
     for preset in presets:
-        args = train.parse_args(["--model", preset, "--data-path", "unused"])   # its recipe
-        cfg = DriftDiTConfig(**DriftDiT_models[preset])
-        mae_cfg = MAEConfig(**MAE_models[GPU_MAE[preset]])
-        torch.manual_seed(0)
-        with device:                            # initialized where it runs: no CPU copy
-            model, mae = DriftDiT(cfg), MAEResNet(mae_cfg, with_heads=False)
-        mae.eval().requires_grad_(False)
-        ema = copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                weight_decay=args.weight_decay, fused=cuda)
-        amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
-        n_groups = max(1, args.n_classes_per_step // 8)
-        images = torch.randn(64 * cfg.num_classes if cfg.num_classes <= 16 else 4096,
-                             cfg.in_channels, cfg.input_size, cfg.input_size)
-        sampler = TensorSampler(images, torch.arange(len(images)) % cfg.num_classes, 0)
-        t = {}                                  # phase -> [(start, end)] of this step
-
-        def timed(phase, fn):
-            def run(*a, **kw):
-                start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
-                if cuda:
-                    start.record()
-                y = fn(*a, **kw)
-                end = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
-                if cuda:
-                    end.record()
-                t.setdefault(phase, []).append((start, end))
-                return y
-            return run
-
-        gen = timed("gen fwd", model)
-        phi = timed("encoder fwd", lambda x: feature_groups(mae, x, **ACTIVATION_KWARGS))
-        loss_fn = timed("drift loss", field.drift_loss)
-
-        def optimize():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, args.ema)
-
-        def step(s, groups):                    # train.py's loop body, timed by phase
-            t.clear()
-            batch = [x.to(device) for x in draw_groups(sampler, cfg, args, s, range(groups))]
-
-            def body():
-                with amp:
-                    loss = train.generator_loss(gen, phi, *batch, taus=args.taus,
-                                                drift_loss=loss_fn)[0]
-                timed("backward", loss.backward)()
-                timed("optimizer", optimize)()
-            timed("step", body)()
-            if cuda:
-                torch.cuda.synchronize(device)
-            seconds = lambda a, b: a.elapsed_time(b) / 1e3 if cuda else b - a
-            return {k: sum(seconds(a, b) for a, b in v) for k, v in t.items()}
-
-        while True:                             # the per-GPU share, halved until it fits
-            try:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                step(0, n_groups)
-                runs = [step(s + 1, n_groups) for s in range(steps)]
-                break
-            except torch.cuda.OutOfMemoryError:
-                opt.zero_grad(set_to_none=True)
-                t.clear()
-                torch.cuda.empty_cache()
-                if n_groups == 1:
-                    raise
-                n_groups //= 2
-        med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
-        n_gen, n_real = n_groups * args.gen_per_label, n_groups * (args.n_pos + args.n_unc)
-        mfu = step_flops(cfg, mae_cfg, n_gen, n_real) / med["step"] / peak if peak else None
-        mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if cuda else "n/a"
-        share = lambda k: f"{100 * med.get(k, 0) / med['step']:.0f}%"
-        x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-
-        def forward(m):
-            with torch.no_grad(), amp:
-                m(x, torch.zeros(len(x), dtype=torch.long, device=device), 1.0)
-        eager = sdpa_op(lambda: forward(model))
-        compiled = "skipped"
-        if compile_check:
-            t0 = time.perf_counter()
-            try:
-                fast = torch.compile(model)
-                forward(fast)                       # the compile itself
-                compiled = f"{sdpa_op(lambda: forward(fast))} (compiled in "
-                compiled += f"{time.perf_counter() - t0:.0f} s)"
-            except Exception as e:              # report, do not stop the table
-                compiled = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
-        lines.append(
-            f"| {preset} | {GPU_MAE[preset]} | {n_groups} x ({args.gen_per_label}, {args.n_pos},"
-            f" {args.n_unc}) | {med['step']:.3f} | {n_gen / med['step']:.0f} | {mem} | "
-            + (f"{100 * mfu:.1f}%" if mfu else "n/a") + " | "
-            + " | ".join(share(k) for k in ("gen fwd", "encoder fwd", "drift loss", "backward",
-                                            "optimizer")) + f" | {eager} | {compiled} |")
+        lines.append(gpu_row(preset, device, steps, compile_check))
         print(lines[-1], flush=True)
-        del model, mae, ema, opt
         if cuda:
             torch.cuda.empty_cache()
     lines.append("\nMFU: step_flops (bench.py) over the step time and the GPU's dense bf16 "
                  "peak; the phase shares are of the step time (encoder fwd: real and generated "
                  "features; backward: generator and encoder together).")
     lines.append(torchrun_smoke(device))
-    text = "\n".join(lines)
     print(lines[-1])
     if out:
         with open(out, "w") as f:
-            f.write(text + "\n")
-    return text
+            f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def torchrun_smoke(device):
@@ -545,7 +491,7 @@ def torchrun_smoke(device):
     CPU) on MNIST-5k with a random tiny MAE: the DDP path starts, steps and checkpoints."""
     import tempfile
     from encoder import MAEConfig, MAE_models, MAEResNet
-    from models import save_checkpoint
+    from checkpoint import save_checkpoint
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         mae = os.path.join(d, "mae.safetensors")
@@ -566,7 +512,8 @@ def torchrun_smoke(device):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Drifting benchmarks")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample", "gpu"],
                         help="one table only (gpu: not in the default set)")
     parser.add_argument("--device", default="cuda", help="gpu table: cuda, or cpu (tiny presets)")
@@ -592,17 +539,11 @@ if __name__ == "__main__":
     print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads | "
           f"torch {torch.__version__} | Python {platform.python_version()}")
-    if args.only in (None, "loss"):
-        bench_loss(args.baseline)
-    if args.only in (None, "memory"):
-        bench_memory()
-    if args.only in (None, "models"):
-        bench_models()
-    if args.only in (None, "train"):
-        bench_train(args.baseline)
-        bench_cache()
-    if args.only in (None, "sample"):
-        bench_sample()
+    tables = dict(loss=[lambda: bench_loss(args.baseline)], memory=[bench_memory],
+                  models=[bench_models], train=[lambda: bench_train(args.baseline), bench_cache],
+                  sample=[bench_sample])
+    for table in (fn for name, fns in tables.items() if args.only in (None, name) for fn in fns):
+        table()
     if args.only == "gpu":
         bench_gpu(args.device, args.presets or (["B2", "L2"] if args.device == "cuda" else
                                                 ["S2"]), args.steps, not args.no_compile,

@@ -3,6 +3,7 @@ The latent cache: every image of an ImageNet-layout folder and its horizontal fl
 crop, encoded once by the SD-VAE (vae.py) as a posterior sample x 0.18215 (official
 dataset/latent.py) into OUT/shard_*.safetensors (latents (n, 2, 4, h, w) original/flip, labels,
 index) + OUT/index.json. `LatentCache` reads it memory-mapped as a data.TensorSampler source.
+`embed_all`: the frozen MAE's features of every real sample, once (train.py --cache-features).
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 8 GPUs (rerun the same command to resume: only missing shards are redone):
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data import center_crop_arr, image_folder, load_rgb, to_tensor
+from encoder import ACTIVATION_KWARGS, feature_groups
 from vae import VAE_SCALE, load_vae
 
 CACHE_VERSION = "1"
@@ -221,6 +223,15 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
 
+
+
+@torch.no_grad()
+def embed_all(phi, images, batch=250):
+    """images (N, C, H, W) -> {name: (N, T, D)}: every feature group of every real sample
+    once (train.py --cache-features), in batches; the frozen MAE in eval mode is deterministic."""
+    parts = [feature_groups(phi, images[i:i + batch], **ACTIVATION_KWARGS)
+             for i in range(0, len(images), batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from checkpoint import save_checkpoint
 from encoder import MAEConfig, MAEResNet
-from models import DriftDiT, save_checkpoint
+from models import DriftDiT
 
 # ------------------------------------------------------------------------------------------
 # Reading flax msgpack without flax

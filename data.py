@@ -10,10 +10,12 @@ Data for Drifting Models.
   group), so no rank count changes the groups and nothing needs saving to resume.
 - Image folders (ImageNet layout, root/<wnid>/*.JPEG, class = sorted folder order): the ADM
   center crop, the pixel models' RandomResizedCrop, `ImageFolder` (in [-1, 1], on demand).
+- `open_images`: a set of uint8 images for FID (a folder, an ADM .npz, MNIST-5k or a half).
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
 """
+import glob
 import gzip
 import importlib.util
 import math
@@ -177,22 +179,24 @@ def group_generator(seed, step, j):
     return torch.Generator().manual_seed(int(s))
 
 
-def draw_groups(sampler, cfg, args, step, groups):
-    """Everything random in one step for the global group indices `groups` (this rank's):
-    labels (n,), alpha (n,), pos (n, N_pos, C, H, W), unc (n, N_unc, C, H, W), noise
-    (n * N_neg, C, H, W), style indices (n * N_neg, M); sample b * N_neg + g is in group b.
+def draw_groups(sampler, cfg, step, groups, *, seed, n_classes, n_gen, n_pos, n_unc,
+                cfg_power, no_cfg_frac):
+    """Everything random in one step for the global group indices `groups` (this rank's) of
+    the step's n_classes: labels (n,), alpha (n,), pos (n, N_pos, C, H, W), unc (n, N_unc, C,
+    H, W), noise (n * N_neg, C, H, W), style indices (n * N_neg, M); sample b * N_neg + g is
+    in group b. n_gen = N_neg; cfg: the generator's config (sample shape, style codebooks).
     NOTE: official labels follow the data (the last real batch's, repeats possible); ours are
     distinct uniform classes (the class-balanced loader of A.8)."""
-    which = sampler.draw_classes(args.n_classes_per_step, group_generator(args.seed, step, -1))
+    which = sampler.draw_classes(n_classes, group_generator(seed, step, -1))
     out = []
     for j in groups:
-        g = group_generator(args.seed, step, j)
+        g = group_generator(seed, step, j)
         u = torch.rand(2, generator=g)
-        alpha = alpha_from_uniform(u[:1], u[1:], args.cfg_power, args.no_cfg_frac)   # (1,)
-        pos, unc = sampler.draw_group(which[j].item(), args.n_pos, args.n_unc, g)
-        noise = torch.randn(args.gen_per_label, cfg.in_channels, cfg.input_size,
-                            cfg.input_size, generator=g)        # (N_neg, C, H, W)
-        style = torch.randint(max(1, cfg.noise_classes), (args.gen_per_label, cfg.noise_coords),
+        alpha = alpha_from_uniform(u[:1], u[1:], cfg_power, no_cfg_frac)            # (1,)
+        pos, unc = sampler.draw_group(which[j].item(), n_pos, n_unc, g)
+        noise = torch.randn(n_gen, cfg.in_channels, cfg.input_size, cfg.input_size,
+                            generator=g)                        # (N_neg, C, H, W)
+        style = torch.randint(max(1, cfg.noise_classes), (n_gen, cfg.noise_coords),
                               generator=g)                      # (N_neg, M)
         out.append((alpha, pos, unc, noise, style))
     alpha, pos, unc, noise, style = (torch.stack(t) for t in zip(*out))
@@ -321,6 +325,67 @@ class ImageFolder:
         with ThreadPoolExecutor(self.workers) as pool:
             return torch.stack(list(pool.map(self._item, idx.tolist(), flips, seeds)))
 
+
+# ------------------------------------------------------------------------------------------
+# Image sets for FID (fid.py): an image folder, a .npz (uint8 NHWC arr_0, ADM format) or
+# the built-in MNIST-5k
+# ------------------------------------------------------------------------------------------
+def read_npz(path, *keysets):
+    """The arrays of the first key set in `keysets` that the .npz holds; errors name the file."""
+    try:
+        with np.load(path) as f:
+            found = list(f.keys())
+            for keys in keysets:
+                if all(k in found for k in keys):
+                    return [f[k] for k in keys]
+    except Exception as e:  # missing, not a zip, a bare .npy (no keys), pickles, truncated
+        raise ValueError(f"{path}: not a readable .npz ({e})") from e
+    raise ValueError(f"{path}: no {' or '.join('/'.join(k) for k in keysets)} arrays "
+                     f"(found {found})")
+
+
+def read_image(file, decode=True):
+    """An image file's RGB pixels (H, W, 3), or with decode=False only its header's (W, H)."""
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert("RGB")) if decode else im.size
+    except OSError as e:  # unidentified format; a truncated body fails only at the decode
+        raise ValueError(f"{file}: not a readable image ({e}); re-export or remove it") from e
+
+
+def open_images(path=None, data=None):
+    """-> (get(indices) -> uint8 (b, H, W, C) array, n). C = 1 (grayscale) or 3. Checked here,
+    before the long Inception pass: every file readable, one image size, at least 2 images."""
+    if data:  # mnist5k-a / -b: the first / last 250 of each class (data.split_per_class)
+        x, y = mnist5k()
+        a, b = split_per_class(y, 250)
+        keep = {"mnist5k-a": a, "mnist5k-b": b}.get(data, slice(None))
+        arr = ((x[keep] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    elif os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+        if not files:
+            raise FileNotFoundError(f"{path}: no image files")
+        W, H = read_image(files[0], decode=False)
+        for f in files:  # headers only, no decode: seconds for 50k files
+            if (size := read_image(f, decode=False)) != (W, H):
+                raise ValueError(f"{f}: {size[0]}x{size[1]} pixels, but {files[0]} is {W}x{H}: "
+                                 f"FID needs one size; resize the images or remove the odd one")
+        get, n, arr = (lambda ix: np.stack([read_image(files[i]) for i in ix])), len(files), None
+    elif os.path.isfile(path):
+        arr, = read_npz(path, ("arr_0",))  # NOTE: loads arr_0 whole (9.8 GB for 50k at 256^2)
+    else:
+        raise FileNotFoundError(f"{path}: no such folder or .npz")
+    if arr is not None:
+        arr = arr[..., None] if arr.ndim == 3 else arr
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"{path or data}: arr_0 is {arr.dtype} {arr.shape}, expected uint8 "
+                             f"(N, H, W, 1 or 3) images (ADM format, as sample.py --num-samples)")
+        get, n = (lambda ix: arr[ix]), len(arr)
+    if n < 2:  # the covariance divides by n - 1: NaN statistics otherwise
+        raise ValueError(f"{path or data}: {n} image(s); FID statistics need at least 2 (and "
+                         f"thousands to be comparable: FID is biased at small n)")
+    return get, n
 
 if __name__ == "__main__":
     images, labels = mnist5k()

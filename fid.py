@@ -18,14 +18,12 @@ Calc:     python fid.py calc --weights W.pth --samples samples.npz --ref ref_sta
 Floor:    python fid.py ref --weights W.pth --data mnist5k-b --out b.npz   # half vs half
           python fid.py calc --weights W.pth --data mnist5k-a --ref b.npz
 Steps:    python fid.py steps --weights W.pth --run runs/gen_mnist --ref b.npz  # FID vs step
-Table:    python fid.py table --ablation antisymmetry --weights W.pth --ref b.npz --out runs/t1
 DDP:      torchrun --nproc_per_node=8 fid.py calc ...   (same numbers as 1 process)
 """
 import argparse
 import glob
 import importlib.util
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -33,8 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from tqdm import tqdm
+
+from checkpoint import write_atomic
+from data import open_images, read_npz
+from metrics import fid_from_stats
 
 SIDE = 299          # Inception input side
 DIM = 2048          # pool features (FID)
@@ -280,20 +281,6 @@ def inception_stats(net, get, n, batch=100, device="cpu", logits=False):
     return mu.cpu().numpy(), sigma.cpu().numpy(), y.cpu().double().numpy() if logits else None
 
 
-def fid_from_stats(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with tr (S1 S2)^(1/2) computed as
-    tr (S1^(1/2) S2 S1^(1/2))^(1/2) (similar matrices): two symmetric eigh, no scipy sqrtm."""
-    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
-    w, V = np.linalg.eigh(s1)
-    r1 = (V * np.sqrt(w.clip(min=0))) @ V.T                                # S1^(1/2)
-    m = r1 @ s2 @ r1
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
 def inception_score(logits, splits=IS_SPLITS):
     """exp E_x KL(p(y|x) || p(y)) over `splits` parts after the official fixed permutation ->
     (mean, std). NOTE: softmax of the head WITH bias (official JAX port); the original TF IS
@@ -308,69 +295,6 @@ def inception_score(logits, splits=IS_SPLITS):
     kl = p * (np.log(p + 1e-10) - np.log(p.mean(1, keepdims=True) + 1e-10))
     scores = np.exp(kl.sum(2).mean(1))                                      # (splits,)
     return float(np.mean(scores)), float(np.std(scores))
-
-
-# ------------------------------------------------------------------------------------------
-# Inputs: an image folder, a .npz (uint8 NHWC arr_0, ADM format) or the built-in MNIST-5k
-# ------------------------------------------------------------------------------------------
-def read_npz(path, *keysets):
-    """The arrays of the first key set in `keysets` that the .npz holds; errors name the file."""
-    try:
-        with np.load(path) as f:
-            found = list(f.keys())
-            for keys in keysets:
-                if all(k in found for k in keys):
-                    return [f[k] for k in keys]
-    except Exception as e:  # missing, not a zip, a bare .npy (no keys), pickles, truncated
-        raise ValueError(f"{path}: not a readable .npz ({e})") from e
-    raise ValueError(f"{path}: no {' or '.join('/'.join(k) for k in keysets)} arrays "
-                     f"(found {found})")
-
-
-def read_image(file, decode=True):
-    """An image file's RGB pixels (H, W, 3), or with decode=False only its header's (W, H)."""
-    from PIL import Image
-    try:
-        with Image.open(file) as im:
-            return np.asarray(im.convert("RGB")) if decode else im.size
-    except OSError as e:  # unidentified format; a truncated body fails only at the decode
-        raise ValueError(f"{file}: not a readable image ({e}); re-export or remove it") from e
-
-
-def open_images(path=None, data=None):
-    """-> (get(indices) -> uint8 (b, H, W, C) array, n). C = 1 (grayscale) or 3. Checked here,
-    before the long Inception pass: every file readable, one image size, at least 2 images."""
-    if data:  # mnist5k-a / -b: the first / last 250 of each class (data.split_per_class)
-        from data import mnist5k, split_per_class
-        x, y = mnist5k()
-        a, b = split_per_class(y, 250)
-        keep = {"mnist5k-a": a, "mnist5k-b": b}.get(data, slice(None))
-        arr = ((x[keep] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    elif os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-        if not files:
-            raise FileNotFoundError(f"{path}: no image files")
-        W, H = read_image(files[0], decode=False)
-        for f in files:  # headers only, no decode: seconds for 50k files
-            if (size := read_image(f, decode=False)) != (W, H):
-                raise ValueError(f"{f}: {size[0]}x{size[1]} pixels, but {files[0]} is {W}x{H}: "
-                                 f"FID needs one size; resize the images or remove the odd one")
-        get, n, arr = (lambda ix: np.stack([read_image(files[i]) for i in ix])), len(files), None
-    elif os.path.isfile(path):
-        arr, = read_npz(path, ("arr_0",))  # NOTE: loads arr_0 whole (9.8 GB for 50k at 256^2)
-    else:
-        raise FileNotFoundError(f"{path}: no such folder or .npz")
-    if arr is not None:
-        arr = arr[..., None] if arr.ndim == 3 else arr
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"{path or data}: arr_0 is {arr.dtype} {arr.shape}, expected uint8 "
-                             f"(N, H, W, 1 or 3) images (ADM format, as sample.py --num-samples)")
-        get, n = (lambda ix: arr[ix]), len(arr)
-    if n < 2:  # the covariance divides by n - 1: NaN statistics otherwise
-        raise ValueError(f"{path or data}: {n} image(s); FID statistics need at least 2 (and "
-                         f"thousands to be comparable: FID is biased at small n)")
-    return get, n
 
 
 def load_stats(path):
@@ -389,7 +313,8 @@ def fid_vs_step(run, net, mu_r, sigma_r, per_class, alpha, batch, device):
     """The EMA snapshots of a train.py run (--snapshot-every) -> [(step, FID)]: per snapshot
     per_class samples of each class drawn as `sample.py --num-samples` draws them (sample i:
     label i % K, seed (0, i)), so a row equals sample.py + `fid.py calc` on that snapshot."""
-    from models import load_checkpoint, read_metadata
+    from checkpoint import read_metadata
+    from sample import load_checkpoint
     snaps = sorted(glob.glob(os.path.join(run, "snapshots", "ema_*.safetensors")))
     if not snaps:
         raise FileNotFoundError(f"{run}/snapshots: no EMA snapshots; train with "
@@ -417,85 +342,8 @@ def model_fid(model, net, mu_r, sigma_r, per_class, alpha, batch, device, name):
     return fid_from_stats(mu, sigma, mu_r, sigma_r)
 
 
-def ablation_table(name, out, train_args, net, mu_r, sigma_r, per_class, batch, device,
-                   rows=None):
-    """`fid.py table`: each row of toy.ABLATIONS[name] (or those named in rows) trained by
-    `python train.py` with the S4 recipe (the reference drift loss, V+ - V-, train_args, then
-    the row's flags) into out/<row>, then
-    the FID of its EMA weights -> the markdown lines, and out/ablation.png (a panel of samples
-    per row). A row with fid.json is read, not redone; a row killed while training resumes
-    from its checkpoint (train.py --resume). A row whose train.py fails (a diverged ablation)
-    is a "failed" line and the other rows still run. Returns (lines, failed rows' commands);
-    `fid.py table` writes table.md, then exits 1 naming them (one bad row loses no others)."""
-    import json
-    import subprocess
-    from models import load_checkpoint, read_metadata
-    from sample import write_atomic
-    from toy import ABLATIONS, slug
-    lines, panels, failed = [], [], []
-    for row, (flags, paper) in ABLATIONS[name].items():
-        if rows and row not in rows:
-            continue
-        line = lambda value: f"| {row} | {value} | {paper if paper else '-'} |"
-        run, done = os.path.join(out, slug(row)), os.path.join(out, slug(row), "fid.json")
-        if not os.path.exists(done):
-            # a = b = 1 unless the row or train_args say otherwise: the S4 recipe's a is 1.5
-            argv = ["--model", "S4", "--out", run, "--no-fast-loss", "--attract", "1",
-                    "--repel", "1", *train_args] + [
-                a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-            ckpt = os.path.join(run, "model.safetensors")
-            meta = read_metadata(ckpt)[1] if os.path.exists(ckpt) else None
-            left = meta is None or int(meta["step"]) < meta["args"]["steps"]
-            if left:                    # a process per row; no checkpoint: nothing to keep
-                argv.append("--overwrite" if meta is None else "--resume")
-                train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-                if subprocess.run([sys.executable, train_py, *argv]).returncode:
-                    failed.append(f"{row!r}: python train.py {' '.join(argv)}")
-                    lines.append(line("failed (train.py's message above)"))
-                    print(lines[-1], flush=True)
-                    continue
-            fid = model_fid(load_checkpoint(run, device), net, mu_r, sigma_r, per_class, 1.0,
-                            batch, device, run)
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(dict(fid=fid, flags=flags), f)
-            write_atomic(done, write)                           # renamed over: whole or absent
-        fid = json.load(open(done))["fid"]
-        lines.append(line(f"{fid:.2f}"))
-        print(lines[-1], flush=True)
-        panels.append((row, fid, row_samples(load_checkpoint(run, device), device)))
-    if panels:
-        ablation_figure(os.path.join(out, "ablation.png"), panels)
-    return lines, failed
-
-
-def row_samples(model, device, per_class=4):
-    """The first per_class EMA samples of each class as the FID draws them (sample i: label
-    i % K, seed (0, i)), alpha 1 -> one uint8 grid (K H, per_class W), a row per class."""
-    from sample import decode, generate
-    K = model.cfg.num_classes
-    index = [k + K * j for k in range(K) for j in range(per_class)]          # class-major
-    x = decode(generate(model, index, torch.tensor(index) % K, 1.0, 0, device)).numpy()
-    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)  # a white frame
-    return rearrange(x, "(k j) h w c -> (k h) (j w) c", k=K)
-
-
-def ablation_figure(path, panels):
-    """[(row, FID, grid)] -> one PNG, a panel per row titled with its FID."""
-    import matplotlib
-    matplotlib.use("Agg")                                            # files only, no window
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 * len(panels), 4.2), squeeze=False)
-    for ax, (row, fid, grid) in zip(axes[0], panels):
-        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{row}\nFID {fid:.1f}", fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main():
+def parse_args(argv=None):
+    """The subcommands and their flags, each checked before any work."""
     p = argparse.ArgumentParser(description=__doc__,  # --help shows the commands
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -509,18 +357,7 @@ def main():
     steps.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
     steps.add_argument("--per-class", type=int, default=250, help="samples per class")
     steps.add_argument("--alpha", type=float, default=1.0, help="CFG scale of the samples")
-    table = sub.add_parser("table", help="a paper ablation on MNIST: train each row (S4 recipe) "
-                           "and its FID -> markdown table; finished rows are kept and skipped")
-    table.add_argument("--ablation", required=True, choices=["antisymmetry", "n_pos", "kernel"],
-                       help="the rows of toy.ABLATIONS (Tab. 1, Tab. 2, Tab. 11 + after)")
-    table.add_argument("--out", required=True, help="folder of the row runs and table.md")
-    table.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
-    table.add_argument("--per-class", type=int, default=250, help="samples per class")
-    table.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows, by name "
-                       "(e.g. \"V+ - V-\" \"V+ only\"); default: all of the table's")
-    table.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py flags "
-                       "for every row (e.g. -- --mae-ckpt runs/mae_mnist --steps 800)")
-    for q in ref, calc, steps, table:
+    for q in ref, calc, steps:
         q.add_argument("--weights", required=True, help="pt_inception-2015-12-05-*.pth")
         q.add_argument("--batch", type=int, default=100, help="images per forward, per rank")
     for q in ref, calc:
@@ -533,28 +370,42 @@ def main():
     calc.add_argument("--ref", required=True, help="reference stats .npz (mu, sigma)")
     calc.add_argument("--is", dest="inception_score", action="store_true",
                       help="also the Inception Score (needs weights with the 1008-way head)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cmd != "convert-weights" and args.batch <= 0:
         p.error(f"--batch {args.batch}: must be > 0")
-    if args.cmd == "table" and args.per_class < 1:
-        p.error(f"--per-class {args.per_class} must be >= 1")
-    if args.cmd == "table" and args.rows:
-        from toy import ABLATIONS
-        known = ABLATIONS[args.ablation]
-        if set(args.rows) - set(known):
-            p.error(f"--rows {sorted(set(args.rows) - set(known))}: not rows of --ablation "
-                    f"{args.ablation}, which are {list(known)}")
     if args.cmd == "steps" and (args.per_class < 1 or not np.isfinite(args.alpha)):
         p.error(f"--per-class {args.per_class} must be >= 1 and --alpha {args.alpha} finite")
     if args.cmd == "ref" and not args.out.lower().endswith(".npz"):  # np.savez would add .npz
         p.error(f"--out {args.out}: the stats file is an .npz; name it e.g. ref_stats.npz")
     if args.cmd == "ref" and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: no folder {os.path.dirname(args.out)!r}; create it first")
+    return args
+
+
+def steps_table(args, mu_r, sigma_r, device, master):
+    """`fid.py steps`: FID vs step of a run's snapshots -> fid_steps.md and fid_steps.png."""
+    from sample import save_curves
+    if not os.path.isdir(os.path.join(args.run, "snapshots")):
+        raise FileNotFoundError(f"{args.run}/snapshots: no such folder; train with "
+                                f"`train.py --snapshot-every N`")
+    rows = fid_vs_step(args.run, load_inception(args.weights, device), mu_r, sigma_r,
+                       args.per_class, args.alpha, args.batch, device)
+    if master:
+        table = "| step | FID |\n|---|---|\n" + "".join(f"| {s} | {f:.2f} |\n" for s, f in rows)
+        with open(os.path.join(args.run, "fid_steps.md"), "w") as f:
+            f.write(table)
+        label = f"FID, {args.per_class}/class EMA samples vs {os.path.basename(args.ref)}"
+        save_curves(os.path.join(args.run, "fid_steps.png"), {label: tuple(zip(*rows))},
+                    title=f"FID vs step: {args.run}", ylabel="FID")
+        print(table + f"wrote {args.run}/fid_steps.md, fid_steps.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
     if args.cmd == "convert-weights":
         convert_torchscript(args.torchscript or fid_helper_torchscript(), args.out)
         return print(f"wrote {args.out}")
-
     ddp = "RANK" in os.environ  # torchrun
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if ddp:
@@ -562,40 +413,9 @@ def main():
     master = not ddp or dist.get_rank() == 0
     want_is = args.cmd == "calc" and args.inception_score
     # Every input is checked before the long pass: fail in seconds, not after it
-    mu_r, sigma_r = load_stats(args.ref) if args.cmd in ("calc", "steps", "table") else (
-        None, None)
-    if args.cmd == "table":
-        os.makedirs(args.out, exist_ok=True)
-        head = "| row | FID (MNIST, S4 recipe) | paper FID (ImageNet B/2) |\n|---|---|---|"
-        print(head, flush=True)
-        train_args = [a for a in args.train_args if a != "--"]
-        lines, failed = ablation_table(args.ablation, args.out, train_args,
-                                       load_inception(args.weights, device), mu_r, sigma_r,
-                                       args.per_class, args.batch, device, args.rows)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            print(head, *lines, sep="\n", file=f)
-        print(f"wrote {args.out}/table.md")
-        if failed:              # after the table: the finished rows are written and kept
-            sys.exit(f"fid.py: error: {len(failed)} row(s) failed, the others are in "
-                     f"table.md: {'; '.join(failed)}. Rerun `fid.py table` to retry them "
-                     f"(a killed row resumes from its checkpoint)")
-        return
+    mu_r, sigma_r = load_stats(args.ref) if args.cmd in ("calc", "steps") else (None, None)
     if args.cmd == "steps":
-        from sample import save_curves
-        if not os.path.isdir(os.path.join(args.run, "snapshots")):
-            raise FileNotFoundError(f"{args.run}/snapshots: no such folder; train with "
-                                    f"`train.py --snapshot-every N`")
-        rows = fid_vs_step(args.run, load_inception(args.weights, device), mu_r, sigma_r,
-                           args.per_class, args.alpha, args.batch, device)
-        if master:
-            table = "| step | FID |\n|---|---|\n" + "".join(f"| {s} | {f:.2f} |\n" for s, f in rows)
-            with open(os.path.join(args.run, "fid_steps.md"), "w") as f:
-                f.write(table)
-            label = f"FID, {args.per_class}/class EMA samples vs {os.path.basename(args.ref)}"
-            save_curves(os.path.join(args.run, "fid_steps.png"), {label: tuple(zip(*rows))},
-                title=f"FID vs step: {args.run}", ylabel="FID")
-            print(table + f"wrote {args.run}/fid_steps.md, fid_steps.png")
-        return
+        return steps_table(args, mu_r, sigma_r, device, master)
     get, n = open_images(args.images, args.data)
     if want_is and n < IS_SPLITS:
         raise ValueError(f"{args.images or args.data}: {n} images; --is needs at least "
@@ -608,9 +428,8 @@ def main():
         raise ValueError(f"the Inception features of {args.images or args.data} are NaN or inf "
                          f"(nothing written); check {args.weights}: {WEIGHTS_HELP}")
     if master and args.cmd == "ref":
-        from sample import write_atomic         # renamed over --out: no partial file
         write_atomic(args.out, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}")          # renamed over --out: no partial file
     elif master:
         print(f"FID {fid_from_stats(mu, sigma, mu_r, sigma_r):.4f}")
         if want_is:

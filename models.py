@@ -11,11 +11,8 @@ Generators for Drifting Models: f(noise) -> sample in one step.
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python models.py            # every preset's size + a forward shape check
 """
-import hashlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -31,7 +28,6 @@ ALPHA_FREQ_DIM = 256      # sinusoidal features of alpha (DiT's timestep embedde
 MAX_PERIOD = 10_000.0     # sincos base for alpha, the 2-D pos-embed, and RoPE theta
 NORM_EPS = 1e-6           # every RMSNorm (official)
 INIT_STD = 0.02           # embeddings, class-token embedding, alpha MLP weights
-CKPT_KIND = "gen"         # `kind` in our model.safetensors metadata (as the official artifacts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,134 +300,8 @@ class DriftDiT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoints: ONE model.safetensors per checkpoint, replaced as a unit
+# EMA (DiT's): the weights sampling uses; checkpoints are checkpoint.py's
 # ------------------------------------------------------------------------------------------
-# One format for every model (kind "gen" here, "mae" for encoder.MAEResNet, "mlp" for toy.py),
-# written by convert.py and train.py: tensors by state_dict name, the EMA under "ema/", a
-# training run's optimizer and RNG states under "train/"; metadata {"kind", "config": JSON,
-# "sha256": {tensor: digest}, "train": JSON of the rest of the train state, "args", "step"}.
-# No pickle anywhere: a checkpoint is tensors and JSON.
-def tensor_sha256(t):
-    """sha256 of a tensor's bytes (any dtype): what the metadata records and loads verify."""
-    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                          ).hexdigest()
-
-
-def pack(obj, prefix, tensors):
-    """Nested dicts/lists holding tensors -> JSON-able tree; each tensor goes to `tensors`
-    under its path and is named in the tree. Dicts become [key, value] pairs, so the
-    optimizer's integer keys come back as integers. `unpack` inverts it."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {"tensor": prefix}
-    if isinstance(obj, dict):
-        return {"dict": [[k, pack(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return [pack(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
-    return obj
-
-
-def unpack(tree, tensors):
-    if isinstance(tree, dict) and "tensor" in tree:
-        return tensors[tree["tensor"]]
-    if isinstance(tree, dict):
-        return {k: unpack(v, tensors) for k, v in tree["dict"]}
-    if isinstance(tree, list):
-        return [unpack(v, tensors) for v in tree]
-    return tree
-
-
-def save_checkpoint(model, path, kind=CKPT_KIND, ema=None, config=None, train_state=None,
-                    **meta):
-    """Write `model`'s weights (+ `ema`'s under "ema/") and config (default: the model's
-    config dataclass) to one file, `path`. A training run also passes `train_state` (optimizer
-    state, step, RNG states, history: tensors under "train/", the rest as JSON), so weights
-    and state can never be from different steps. Every tensor's sha256 goes into the metadata.
-    Refuses non-finite tensors (a poisoned checkpoint is worse than none). Atomic: written to
-    path.tmp, fsynced, renamed over `path`, the folder fsynced; until the rename the previous
-    file stands, and any failure (full disk, Ctrl-C) removes the temp and keeps it."""
-    from safetensors.torch import save_file  # lazy: models.py itself needs only torch
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if ema is not None:
-        sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    bad = next((k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()), 0)
-    if bad:
-        raise FloatingPointError(f"{path}: not written, tensor {bad!r} holds NaN or inf")
-    config = asdict(model.cfg) if config is None else config
-    metadata = {"kind": kind, "config": json.dumps(config), **{k: str(v) for k, v in meta.items()}}
-    if train_state is not None:
-        metadata["train"] = json.dumps(pack(train_state, "train", sd))
-    metadata["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in sd.items()})
-    tmp, folder = f"{path}.tmp", os.path.dirname(os.path.abspath(path))
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())                        # the bytes are on disk ...
-        os.replace(tmp, path)                           # ... before the name points at them
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, Exception):
-            raise OSError(f"{path}: could not write the checkpoint ({e}); the previous file, if "
-                          f"any, is untouched") from e
-        raise                                           # Ctrl-C, SystemExit: as they are
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)                                    # and the rename itself is durable
-    finally:
-        os.close(fd)
-
-
-def read_metadata(path):
-    """A run folder or .safetensors file -> (file path, its metadata with "config", "args"
-    and "train" parsed from JSON). Errors name the file."""
-    from safetensors import safe_open
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such weights file")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = dict(f.metadata() or {})
-        for key in ("config", "args", "train", "sha256", "data"):
-            if key in meta:
-                meta[key] = json.loads(meta[key])
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
-    return path, meta
-
-
-def read_checkpoint(path, kind, ema=True, device="cpu"):
-    """A run folder holding model.safetensors, or the file -> (config dict, state_dict, meta).
-    ema=True: the EMA weights when the file has them (sampling and the frozen encoder use the
-    EMA, as the official code); False: the raw weights; None: every tensor (EMA under "ema/",
-    train state under "train/"). Each tensor read is checked against the sha256 recorded at
-    save time (a flipped bit is named, not loaded) and must be finite."""
-    from safetensors import safe_open
-    path, meta = read_metadata(path)
-    if meta.get("kind") != kind or "config" not in meta:
-        raise ValueError(f"{path}: holds kind={meta.get('kind')!r}, expected {kind!r} weights")
-    sums, sd = meta.get("sha256", {}), {}
-    try:
-        with safe_open(path, "pt") as f:
-            keys = list(f.keys())
-            pick = "ema/" if ema and any(k.startswith("ema/") for k in keys) else ""
-            for k in keys:
-                if ema is None or (k.startswith(pick) and (pick or not k.startswith(("ema/",
-                                                                                  "train/")))):
-                    sd[k if ema is None else k[len(pick):]] = t = f.get_tensor(k)
-                    if k in sums and tensor_sha256(t) != sums[k]:
-                        raise ValueError(f"tensor {k!r} does not match its recorded sha256: "
-                                         f"the file is corrupt; use another checkpoint")
-                    if t.is_floating_point() and not t.isfinite().all():
-                        raise ValueError(f"tensor {k!r} holds NaN or inf")
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    return meta["config"], {k: v.to(device) for k, v in sd.items()}, meta
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """DiT's EMA, by parameter name, buffers copied; decay = 0 copies the model."""
@@ -441,41 +311,6 @@ def update_ema(ema, model, decay):
     buffers = dict(model.named_buffers())
     for name, b in ema.named_buffers():
         b.copy_(buffers[name])
-
-
-def load_training_checkpoint(run_dir, raw, ema, meta, strict=True):
-    """A run folder written by train.py -> raw and EMA weights loaded in place (verified), and
-    its train state returned. Refuses a checkpoint without train state, or whose kind or model
-    config differ from this run's `meta` (or its data, when strict)."""
-    _, tensors, saved = read_checkpoint(run_dir, meta["kind"], ema=None)
-    if "train" not in saved:
-        raise ValueError(f"--resume: {run_dir} holds weights only (no optimizer state): not a "
-                         f"train.py checkpoint; pass a new --out")
-    for key in ("config", "data") if strict else ("config",):
-        if saved.get(key) != json.loads(meta[key]):
-            raise ValueError(f"--resume: {run_dir} has {key} {saved.get(key)}, but this run has "
-                             f"{meta[key]}; pass the flags it was trained with or a new --out")
-    raw.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("ema/", "train/"))})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
-    return unpack(saved["train"], tensors)
-
-
-def read_train_state(path):
-    """A train.py checkpoint (run folder or file) -> its train state as saved: optimizer,
-    step, per-rank RNG states, history (the logged averages)."""
-    path, meta = read_metadata(path)
-    _, tensors, meta = read_checkpoint(path, meta.get("kind"), ema=None)
-    return unpack(meta["train"], tensors)
-
-
-def load_checkpoint(path, device="cpu", ema=True):
-    """A run folder or model.safetensors of kind "gen" -> DriftDiT in eval mode (EMA weights
-    when the file has them, unless ema=False)."""
-    config, sd, _ = read_checkpoint(path, CKPT_KIND, ema, device)
-    with torch.device("meta"):  # no init work: every tensor comes from the file
-        model = DriftDiT.from_config(config)
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------

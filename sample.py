@@ -30,11 +30,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models import load_checkpoint
+from checkpoint import read_checkpoint, write_atomic
+from models import DriftDiT
 from vae import load_vae
 
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py picks (1000 classes)
 LATENT_CHANNELS = 4  # SD-VAE latents (models.py _LATENT); pixel models have 1 or 3 channels
+
+
+def load_checkpoint(path, device="cpu", ema=True):
+    """A run folder or model.safetensors of kind "gen" -> DriftDiT in eval mode (EMA weights
+    when the file has them, unless ema=False)."""
+    config, sd, _ = read_checkpoint(path, "gen", ema, device)
+    with torch.device("meta"):  # no init work: every tensor comes from the file
+        model = DriftDiT.from_config(config)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
 
 
 def load_generator(path, device, ema=True, vae=None):
@@ -93,19 +104,6 @@ def save_grid(images, rows, path, pad=2, scale=1):
     Image.fromarray(grid[..., 0] if C == 1 else grid).save(path)
 
 
-def write_atomic(out, write):
-    """write(tmp) to a temp file of out's extension, then rename it over `out`: an error or
-    Ctrl-C midway leaves no partial file and any previous `out` as it was."""
-    root, ext = os.path.splitext(out)
-    tmp = f"{root}.tmp{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_curves(path, series, title="", ylabel="", logy=True):
     """Line plot of named series {name: (steps, values)} to a PNG (matplotlib): the training
     curves of toy.py and train.py."""
@@ -123,7 +121,10 @@ def save_curves(path, series, title="", ylabel="", logy=True):
     plt.close(fig)
 
 
-def main():
+def parse_args(argv=None):
+    """The flags, each checked here, before any work: a bad flag would otherwise crash
+    anonymously or write another file than --out (np.savez adds .npz, PIL needs an extension
+    to pick a format). args.out is resolved (samples.png / samples.npz)."""
     p = argparse.ArgumentParser(description=__doc__,  # --help shows the commands
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run folder or model.safetensors (kind gen)")
@@ -139,9 +140,7 @@ def main():
                    "diffusion_pytorch_model.safetensors or its folder (vae.py)")
     p.add_argument("--out", help="output file (default samples.png / samples.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    args = p.parse_args()
-    # Checked here, before any work: a bad flag would otherwise crash anonymously or write
-    # another file than --out (np.savez adds .npz, PIL needs an extension to pick a format).
+    args = p.parse_args(argv)
     for flag in ("per_class", "batch", "scale"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
@@ -149,7 +148,7 @@ def main():
         p.error(f"--num-samples {args.num_samples}: must be >= 0 (0 = a grid)")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg {args.cfg}: the CFG scale must be a finite number (1.0 = no guidance)")
-    out = args.out or ("samples.npz" if args.num_samples else "samples.png")
+    out = args.out = args.out or ("samples.npz" if args.num_samples else "samples.png")
     ext = os.path.splitext(out)[1].lower()
     if args.num_samples and ext != ".npz":
         p.error(f"--out {out}: --num-samples writes an .npz; name it e.g. samples.npz")
@@ -161,8 +160,38 @@ def main():
         p.error(f"--out {out} exists; pass --overwrite to replace it, or another --out")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         p.error(f"--out {out}: no folder {os.path.dirname(out)!r}; create it first")
-    torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
+    return args
 
+
+def draw_all(model, mine, label_of, args, device, vae, ddp):
+    """This rank's samples `mine` (global indices), in batches -> uint8 (n_rank, H, W, C).
+    A NaN or inf sample on any rank: every rank fails together, nothing written."""
+    parts, bad = [], torch.zeros(2, dtype=torch.long, device=device)
+    for b in tqdm(range(0, len(mine), args.batch), desc="sampling",
+                  disable=os.environ.get("RANK", "0") != "0"):
+        index = mine[b:b + args.batch]
+        labels = torch.tensor([label_of(i) for i in index])
+        x = generate(model, index, labels, args.cfg, args.seed, device)     # (B, C, H, W)
+        # Checked before decode, whose NaN -> 0 (the official _to_uint8) would write black images
+        n_bad = (~x.isfinite()).flatten(1).any(1).sum()
+        bad += torch.stack([n_bad, torch.tensor(len(index), device=device)])
+        if n_bad:
+            break  # this rank stops; the count is shared below so every rank fails together
+        parts.append(decode(x, vae))
+    if ddp:
+        dist.all_reduce(bad)                            # also the barrier after sampling
+    if bad[0]:
+        raise ValueError(f"{args.ckpt}: {bad[0].item()} of {bad[1].item()} samples drawn are "
+                         f"NaN or inf, nothing written; the checkpoint's weights are broken: try "
+                         f"{'the EMA (no --raw)' if args.raw else '--raw'}, a smaller --cfg or "
+                         f"an earlier checkpoint")
+    return torch.cat(parts) if parts else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.out
+    torch.set_grad_enabled(False)  # inference only (here, not at import: tests import this file)
     ddp = "RANK" in os.environ  # torchrun
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if ddp:
@@ -187,26 +216,8 @@ def main():
         N = len(classes) * args.per_class
         mine = list(range(N)) if rank == 0 else []
     label_of = (lambda i: i % K) if args.num_samples else (lambda i: classes[i // args.per_class])
-
-    t0, parts, bad = time.time(), [], torch.zeros(2, dtype=torch.long, device=device)
-    for b in tqdm(range(0, len(mine), args.batch), desc="sampling", disable=rank != 0):
-        index = mine[b:b + args.batch]
-        labels = torch.tensor([label_of(i) for i in index])
-        x = generate(model, index, labels, args.cfg, args.seed, device)     # (B, C, H, W)
-        # Checked before decode, whose NaN -> 0 (the official _to_uint8) would write black images
-        n_bad = (~x.isfinite()).flatten(1).any(1).sum()
-        bad += torch.stack([n_bad, torch.tensor(len(index), device=device)])
-        if n_bad:
-            break  # this rank stops; the count is shared below so every rank fails together
-        parts.append(decode(x, vae))
-    if ddp:
-        dist.all_reduce(bad)                            # also the barrier after sampling
-    if bad[0]:
-        raise ValueError(f"{args.ckpt}: {bad[0].item()} of {bad[1].item()} samples drawn are "
-                         f"NaN or inf, nothing written; the checkpoint's weights are broken: try "
-                         f"{'the EMA (no --raw)' if args.raw else '--raw'}, a smaller --cfg or "
-                         f"an earlier checkpoint")
-    images = torch.cat(parts) if parts else None                            # (n_rank, H, W, C)
+    t0 = time.time()
+    images = draw_all(model, mine, label_of, args, device, vae, ddp)        # (n_rank, H, W, C)
     if rank == 0:
         dt = time.time() - t0
         print(f"{N} samples in {dt:.1f} s: {N / dt:.1f} img/s over {world} process(es)")

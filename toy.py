@@ -12,13 +12,13 @@ Quality: the energy distance to held-out data, next to the same number for two r
     python toy.py                                          # checkerboard -> runs/toy/
     python toy.py --data swiss_roll --out runs/toy_swiss
     python toy.py --data bimodal --init far --out runs/toy_far    # Fig. 3: a far start
-    python toy.py --ablation antisymmetry --out runs/toy_tab1     # Tab. 1, 3 seeds a row
+
+The paper's ablation tables on this toy (Tab. 1, 2, 11): ablate.py toy.
 """
 import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import save_checkpoint
 from field import drift_field
-from models import MLP, read_checkpoint, save_checkpoint
+from models import MLP
 from sample import save_curves
 
 
@@ -73,25 +74,6 @@ def energy_distance(x, y):
 
 
 # ------------------------------------------------------------------------------------------
-# The paper's ablations (issue 18): row name -> flags, with the paper's ImageNet FID beside
-# ------------------------------------------------------------------------------------------
-ABLATIONS = {
-    # Tab. 1, anti-symmetry: V = a V+ - b V- (B/2, FID 8.46 only when a = b)
-    "antisymmetry": {"V+ - V-": ({}, 8.46), "1.5V+ - V-": (dict(attract=1.5), 41.05),
-                     "V+ - 1.5V-": (dict(repel=1.5), 46.28), "2V+ - V-": (dict(attract=2.0), 86.16),
-                     "V+ - 2V-": (dict(repel=2.0), 112.84), "V+ only": (dict(repel=0.0), 177.14)},
-    # Tab. 2, allocation: N_pos data points against the --batch generated ones (paper: 64)
-    "n_pos": {f"N_pos {n}": (dict(n_pos=n), fid) for n, fid in
-              ((1, 20.43), (16, 10.39), (32, 8.97), (64, 8.46))},
-    # Tab. 11, kernel normalization, and two proposals after the paper (no paper FID)
-    "kernel": {"x and y (both)": ({}, 8.46), "y only": (dict(kernel_norm="y"), 8.92),
-               "none": (dict(kernel_norm="none"), 10.54),
-               "sinkhorn": (dict(kernel_norm="sinkhorn"), None),
-               "gaussian kernel": (dict(kernel="gaussian"), None)},
-}
-
-
-# ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__,
@@ -111,11 +93,6 @@ parser.add_argument("--kernel", choices=["laplace", "gaussian"], default="laplac
                     help="exp(-|x-y|/tau) (Eq. 12) or exp(-|x-y|^2/(2 tau^2))")
 parser.add_argument("--attract", type=float, default=1.0, help="a in V = a V+ - b V- (Tab. 1)")
 parser.add_argument("--repel", type=float, default=1.0, help="b in V = a V+ - b V- (Tab. 1)")
-parser.add_argument("--ablation", choices=list(ABLATIONS), help="run the rows of one of the "
-                    "paper's tables (3 seeds each; the other flags are the base of every row) "
-                    "into --out/<row>/seed<k>, print and write table.md and ablation.png; rows "
-                    "already done are kept and skipped")
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--ablation seeds")
 parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine to 0")
 parser.add_argument("--init", choices=["default", "far", "collapsed"], default="default",
                     help="Fig. 3 starts: far = all points near (3, 3), collapsed = near (1, 0)")
@@ -140,7 +117,7 @@ def parse_args(argv=None):
     if args.attract < 0 or args.repel < 0:
         parser.error(f"--attract {args.attract} --repel {args.repel}: scales must be >= 0")
     old = [f for f in ("log.txt", "model.safetensors") if os.path.exists(f"{args.out}/{f}")]
-    if old and not args.overwrite and not args.ablation:
+    if old and not args.overwrite:
         parser.error(f"--out {args.out} holds another run {old}; toy runs are short (no "
                      f"--resume): pass --overwrite or a new --out")
     return args
@@ -203,6 +180,19 @@ def train(args):
     summary = dict(data=args.data, steps=args.steps, seed=args.seed, energy_distance=ed,
                    floor=floor, ratio=ed / floor, train_seconds=round(train_time, 1))
     print(json.dumps(summary), file=log), log.close()
+    figures(args, gen, held, frames, curve, ed, floor)
+    save_checkpoint(model, f"{args.out}/model.safetensors", kind="mlp",
+                    config=dict(kind="mlp", noise_dim=model.noise_dim), args=json.dumps(vars(args)))
+    print(f"trained {args.steps} steps in {train_time:.1f}s | energy distance {ed:.2e} | "
+          f"real-vs-real floor {floor:.2e} | ratio {ed / floor:.2f}")
+    print(f"wrote {args.out}/{{toy,toy_evolution,toy_curves}}.png, model.safetensors, log.txt")
+    return summary
+
+
+def figures(args, gen, held, frames, curve, ed, floor):
+    """toy.png (the final points over held-out data), toy_evolution.png (the frames), and
+    toy_curves.png (loss and energy distance vs step)."""
+    import matplotlib.pyplot as plt
 
     def scatter(ax, q, title, n_show=3000):
         ax.scatter(*held[:n_show].T, s=1, c="tab:blue", alpha=0.4, label="data p")
@@ -222,64 +212,11 @@ def train(args):
         "loss = mean V^2 / 2": (curve["step"], curve["loss"]),
         "energy distance (1000 points)": (curve["step"], curve["ed"])},
         title=f"toy {args.data}", ylabel="value (log scale)")
-    save_checkpoint(model, f"{args.out}/model.safetensors", kind="mlp",
-                    config=dict(kind="mlp", noise_dim=model.noise_dim), args=json.dumps(vars(args)))
-    print(f"trained {args.steps} steps in {train_time:.1f}s | energy distance {ed:.2e} | "
-          f"real-vs-real floor {floor:.2e} | ratio {ed / floor:.2f}")
-    print(f"wrote {args.out}/{{toy,toy_evolution,toy_curves}}.png, model.safetensors, log.txt")
-    return summary
-
-
-def slug(name):
-    """A row name -> its folder: "x and y (both)" -> "x_and_y_both", "V+ - V-" -> "V+_-_V-"."""
-    return re.sub(r"[^\w.+-]+", "_", name).strip("_")
-
-
-def ablate(args):
-    """Every row of ABLATIONS[args.ablation] x args.seeds (a finished run, one with its
-    model.safetensors, is read from its log.txt, not rerun) -> the markdown table (also
-    table.md) and ablation.png, one scatter per row (the first seed)."""
-    import matplotlib.pyplot as plt
-    plt.switch_backend("Agg")
-    rows, lines = ABLATIONS[args.ablation], []
-    head = (f"| {args.ablation} | energy distance / floor, mean of {len(args.seeds)} seeds | "
-            f"seeds | paper FID (ImageNet B/2) |\n|---|---|---|---|")
-    print(head)
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.9), squeeze=False)
-    for ax, (name, (flags, paper)) in zip(axes[0], rows.items()):
-        ratios = []
-        for seed in args.seeds:
-            out = os.path.join(args.out, slug(name), f"seed{seed}")
-            run = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": out,
-                                        "ablation": None})
-            done = os.path.exists(f"{out}/model.safetensors")      # written last, atomically
-            ratios.append(json.loads(open(f"{out}/log.txt").read().splitlines()[-1])["ratio"]
-                          if done else train(run)["ratio"])
-        line = (f"| {name} | {sum(ratios) / len(ratios):.2f} | "
-                f"{', '.join(f'{r:.2f}' for r in ratios)} | {paper if paper else '-'} |")
-        print(line, flush=True)
-        lines.append(line)
-        first = os.path.join(args.out, slug(name), f"seed{args.seeds[0]}")
-        model = MLP()
-        model.load_state_dict(read_checkpoint(first, "mlp")[1])  # drawn over the data
-        with torch.no_grad():
-            q = model(torch.randn(3000, model.noise_dim,
-                                  generator=torch.Generator().manual_seed(7)))
-        p = TOY_DATA[args.data](3000, torch.Generator().manual_seed(10_001))
-        ax.scatter(*p.T, s=1, c="tab:blue", alpha=0.4)
-        ax.scatter(*q.T, s=1, c="tab:orange", alpha=0.6)
-        ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal", title=name)
-        ax.tick_params(labelsize=6)
-    fig.tight_layout(), fig.savefig(f"{args.out}/ablation.png", dpi=100), plt.close(fig)
-    with open(f"{args.out}/table.md", "w") as f:
-        print(head, *lines, sep="\n", file=f)
-    print(f"wrote {args.out}/table.md, {args.out}/ablation.png")
-    return lines
 
 
 if __name__ == "__main__":
     try:
         args = parse_args()
-        ablate(args) if args.ablation else train(args)
+        train(args)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:   # a message, not a
         sys.exit(f"toy.py: error: {e}")                                   # traceback

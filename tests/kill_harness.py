@@ -5,7 +5,7 @@ its checkpoint writes, then --resume it, and compare with a run that was never i
 
 A scenario forks a child that continues a 2-step base run to step 7 (a checkpoint every step)
 and is hit at moment `at` of its saves. The moments of one save, in order, are the steps of
-models.save_checkpoint: 0 before the temp file's first byte, 1 the temp file half-written, 2
+checkpoint.save_checkpoint: 0 before the temp file's first byte, 1 the temp file half-written, 2
 before its fsync, 3 before the rename over model.safetensors, 4 before the folder's fsync (the
 rename done). The hit is SIGKILL, SIGINT, SIGTERM, SIGTERM twice, or ENOSPC (the writer raises
 with the temp half-written, as a full disk does). Then a second child runs `train.py --resume
@@ -36,7 +36,7 @@ from safetensors.numpy import load_file  # noqa: E402  (numpy: no torch work in 
 
 import train  # noqa: E402
 from encoder import MAEConfig, MAEResNet  # noqa: E402
-from models import save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 from test_train_mae import write_standin  # noqa: E402
 
 BASE, END, PER_SAVE = 2, 7, 5          # base run's step, target step, moments per save

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import metrics
 from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups
 from models import DriftDiT, DriftDiTConfig, DriftDiT_models
 
@@ -32,7 +33,7 @@ def test_dit_flops_formula_matches_the_counted_matmuls(preset, depth):
     noise = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         n = counted(lambda: model(noise, torch.zeros(B, dtype=torch.long), torch.ones(B)))
-    assert abs(bench.dit_flops(cfg) * B / n - 1) < 0.01, (bench.dit_flops(cfg) * B, n)
+    assert abs(metrics.dit_flops(cfg) * B / n - 1) < 0.01, (metrics.dit_flops(cfg) * B, n)
 
 
 @pytest.mark.parametrize("preset,size", [("tiny", 32), ("mnist", 28), ("pixel_tiny", 64),
@@ -47,7 +48,7 @@ def test_mae_flops_formula_matches_the_counted_convs(preset, size):
         mae, x = MAEResNet(cfg, with_heads=False).eval(), torch.randn(2, c, size, size)
     with torch.no_grad():
         n = counted(lambda: feature_groups(mae, x, **ACTIVATION_KWARGS))
-    assert abs(bench.mae_flops(cfg, size) * 2 / n - 1) < 0.01, (bench.mae_flops(cfg, size), n)
+    assert abs(metrics.mae_flops(cfg, size) * 2 / n - 1) < 0.01, (metrics.mae_flops(cfg, size), n)
 
 
 def test_gpu_table_runs_on_a_cpu_with_the_tiny_preset(tmp_path):

@@ -165,7 +165,8 @@ def test_train_gen_on_latent_cache(folder, vae_file, tmp_path):
     """train.py --stage gen --data latents: the S2 latent generator (32x32x4) trains 2 steps on
     a cache of 64-pixel crops (the tiny VAE halves once), with a random 4-channel MAE."""
     from encoder import MAEConfig, MAEResNet
-    from models import load_checkpoint, save_checkpoint
+    from checkpoint import save_checkpoint
+    from sample import load_checkpoint
     import train
     out = str(tmp_path / "cache")
     with warnings.catch_warnings():

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import convert
-from models import load_checkpoint
+from sample import load_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ARTIFACT = os.path.join(FIXTURES, "gen_artifact")
@@ -130,7 +130,7 @@ def test_mae_artifact_cli_round_trip(tmp_path):
     """convert.py learns the MAE artifact: the golden encoder-only msgpack becomes a kind-"mae"
     model.safetensors whose reloaded encoder reproduces the official feature groups."""
     from encoder import ACTIVATION_KWARGS, feature_groups, mae_from_state
-    from models import read_checkpoint
+    from checkpoint import read_checkpoint
     out = tmp_path / "mae"
     subprocess.run([sys.executable, "convert.py", "--artifact",
                     os.path.join(FIXTURES, "mae_artifact"), "--out", str(out)],
@@ -180,7 +180,8 @@ def test_cli_errors_are_one_line_and_name_the_file(tmp_path):
 def test_read_checkpoint_prefers_ema(tmp_path):
     """A training checkpoint holds weights and their EMA ("ema/"): readers return the EMA by
     default (as sampling and the frozen encoder need) and the raw weights on request."""
-    from models import DriftDiT, DriftDiTConfig, DriftDiT_models, save_checkpoint
+    from checkpoint import save_checkpoint
+    from models import DriftDiT, DriftDiTConfig, DriftDiT_models
     torch.manual_seed(0)
     cfg = DriftDiTConfig(**{**DriftDiT_models["S4"], "depth": 1})
     model, ema = DriftDiT(cfg), DriftDiT(cfg)

@@ -227,7 +227,8 @@ def test_pixel_smoke_run_with_both_encoders(tmp_path):
     the MAE alone has a smaller loss at step 1 (same draws, 13 fewer positive group losses)."""
     from PIL import Image
     import train
-    from models import load_checkpoint, read_train_state, save_checkpoint
+    from checkpoint import read_train_state, save_checkpoint
+    from sample import load_checkpoint
     rng = np.random.default_rng(0)
     for c in ("n01", "n02"):
         (tmp_path / "train" / c).mkdir(parents=True)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import convert
-from models import (DriftDiT, DriftDiTConfig, DriftDiT_models, load_checkpoint, save_checkpoint,
-                    sincos_1d)
+from checkpoint import save_checkpoint
+from models import DriftDiT, DriftDiTConfig, DriftDiT_models, sincos_1d
+from sample import load_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ATOL, RTOL = 1e-5, 1e-4  # golden README: generator activations, float32 port

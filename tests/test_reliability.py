@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from encoder import MAEConfig, MAEResNet
-from models import read_checkpoint, read_train_state, save_checkpoint, tensor_sha256
+from checkpoint import read_checkpoint, read_train_state, save_checkpoint, tensor_sha256
 from test_train_mae import write_standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sample
-from models import MLP, DriftDiT, DriftDiT_models, save_checkpoint
+from checkpoint import save_checkpoint
+from models import MLP, DriftDiT, DriftDiT_models
 from sample import generate, load_generator
 from vae import VAE_SCALE, AutoencoderKL, VAEConfig, VAE_models, load_vae
 

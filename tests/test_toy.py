@@ -103,27 +103,6 @@ def test_a_run_in_out_is_not_replaced(tmp_path, capsys):
     assert done.stderr.strip().splitlines()[-1].startswith("toy.py: error: [Errno 17]")
 
 
-def test_ablation_table_runs_its_rows_and_skips_finished_ones(tmp_path, capsys):
-    """--ablation n_pos: one run per row and seed, a markdown row per table row with the mean
-    ratio and the paper's FID, table.md and ablation.png; a rerun reads the finished runs
-    (their weights untouched) and prints the same table; the row's flag reached the run."""
-    argv = ["--ablation", "n_pos", "--steps", "20", "--batch", "64", "--eval-n", "300",
-            "--frames", "0", "--seeds", "0", "1", "--out", str(tmp_path)]
-    first = toy.ablate(toy.parse_args(argv))
-    assert [line.split(" | ")[0] for line in first] == [f"| N_pos {n}" for n in (1, 16, 32, 64)]
-    assert first[0].endswith("| 20.43 |")
-    run = tmp_path / "N_pos_16" / "seed1"
-    assert json.loads(open(run / "log.txt").read().splitlines()[-1])["seed"] == 1
-    weights = run / "model.safetensors"
-    with safe_open(str(weights), "pt") as f:
-        assert json.loads(f.metadata()["args"])["n_pos"] == 16
-    stamp = os.stat(weights).st_mtime_ns
-    assert toy.ablate(toy.parse_args(argv)) == first
-    assert os.stat(weights).st_mtime_ns == stamp
-    assert (tmp_path / "table.md").read_text().splitlines()[2:] == first
-    assert os.path.getsize(tmp_path / "ablation.png") > 0
-
-
 @pytest.mark.parametrize("flags", [["--kernel", "gaussian"], ["--kernel-norm", "sinkhorn"],
                                    ["--repel", "0"], ["--attract", "1.5"]])
 def test_toy_ablation_flags_change_the_run(tmp_path, flags):

@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 
 import convert
 import data
+import metrics
 import train
 from convert import mae_from_official
 from encoder import MAEConfig, MAEResNet
-from models import load_checkpoint, read_train_state, save_checkpoint
+from checkpoint import read_train_state, save_checkpoint
+from sample import load_checkpoint
 from test_train_mae import write_standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,15 +289,15 @@ def test_fd_pix_features_are_pooled_pixels():
     FD of a set with itself is 0, and 4x4 blocks (the early generator's look) score far from
     the digits even though each block keeps the digit's ink."""
     x = torch.rand(6, 1, 28, 28)
-    f = train.pixels_pooled(x)
+    f = metrics.pixels_pooled(x)
     assert f.shape == (6, 196)
     assert np.allclose(f[2, 14 * 3 + 5], x[2, 0, 6:8, 10:12].mean().item())
-    assert train.pixels_pooled(torch.rand(3, 4, 32, 32)).shape == (3, 256)
+    assert metrics.pixels_pooled(torch.rand(3, 4, 32, 32)).shape == (3, 256)
     digits = data.mnist5k()[0][::10]                                 # (500, 1, 28, 28)
     blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(digits, 4), 28)
-    a, b = train.pixels_pooled(digits[::2]), train.pixels_pooled(digits[1::2])
-    assert abs(train.frechet(a, a)) < 1e-6
-    assert train.frechet(train.pixels_pooled(blocks[1::2]), a) > 3 * train.frechet(b, a)
+    a, b = metrics.pixels_pooled(digits[::2]), metrics.pixels_pooled(digits[1::2])
+    assert abs(metrics.frechet(a, a)) < 1e-6
+    assert metrics.frechet(metrics.pixels_pooled(blocks[1::2]), a) > 3 * metrics.frechet(b, a)
 
 
 def test_class_accuracy_sees_a_generator_that_ignores_its_label():
@@ -304,11 +306,11 @@ def test_class_accuracy_sees_a_generator_that_ignores_its_label():
     though FD_pix cannot tell the two sets apart (the same images)."""
     images, labels = data.mnist5k()
     train_idx, held_idx = data.split_per_class(labels, 50)
-    held, lab = train.pixels_pooled(images[held_idx]), labels[held_idx].numpy()
-    x, x_lab = train.pixels_pooled(images[train_idx[::9]]), labels[train_idx[::9]].numpy()
+    held, lab = metrics.pixels_pooled(images[held_idx]), labels[held_idx].numpy()
+    x, x_lab = metrics.pixels_pooled(images[train_idx[::9]]), labels[train_idx[::9]].numpy()
     shuffled = np.random.default_rng(0).permutation(x_lab)
-    assert train.class_accuracy(x, x_lab, held, lab) > 0.6
-    assert train.class_accuracy(x, shuffled, held, lab) < 0.2
+    assert metrics.class_accuracy(x, x_lab, held, lab) > 0.6
+    assert metrics.class_accuracy(x, shuffled, held, lab) < 0.2
 
 
 def test_progress_metric_log_and_snapshots(files, tmp_path):

@@ -22,7 +22,7 @@ import toy as toy_module
 import train
 from data import MNIST5K_INSTALL, TensorSampler, mnist5k, split_per_class
 from encoder import MAE_models, MAEConfig, MAEResNet
-from models import read_train_state
+from checkpoint import read_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,8 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import load_file, save_file
 
-from models import DriftDiT, DriftDiT_models, save_checkpoint
+from checkpoint import save_checkpoint
+from models import DriftDiT, DriftDiT_models
 from vae import (VAE_SCALE, WEIGHTS_FILE, AutoencoderKL, VAEConfig, VAE_models, load_vae,
                  ours)
 
