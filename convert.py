@@ -4,7 +4,7 @@ Convert the official JAX release artifacts (lambertae/drifting) into our checkpo
 An official artifact is a folder: `ema_params.msgpack` (flax.serialization.msgpack_serialize of
 the bare parameter tree) and `metadata.json` (`kind`, `model_config`, ...). We read the msgpack
 with plain `msgpack` (no JAX / flax), rename the flax leaves to our state_dict names and write
-`OUT/model.safetensors` with our config in its metadata, all `models.load_checkpoint(OUT)` needs.
+`OUT/model.safetensors` with our config in its metadata, all `sample.load_checkpoint(OUT)` needs.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770.
     python convert.py --artifact path/to/gen_artifact --out runs/official_L2

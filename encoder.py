@@ -285,7 +285,7 @@ class MAEResNet(nn.Module):
 
 
 def mae_from_state(config, state_dict, encoder_only=False):
-    """Our weights file (models.read_checkpoint(path, "mae") gives config and state_dict) ->
+    """Our weights file (checkpoint.read_checkpoint(path, "mae") gives config and state_dict) ->
     MAEResNet in eval mode; the decoder and head are built only if the file has them. Tensors
     that do not fit the config (another MAE's weights) raise a ValueError naming them."""
     if encoder_only:

@@ -322,9 +322,9 @@ def main(argv=None):
                     sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
 
     def draw(step):                 # this rank's share of the step, on the device
-        return [t.to(device) for t in (sampler.batch(args.batch // world) if args.stage == "mae"
-                                        else draw_groups(sampler, s.cfg, step, s.mine,
-                                                         **draw_numbers(args)))]
+        return [t.to(device) for t in (
+            s.sampler.batch(args.batch // world) if args.stage == "mae" else
+            draw_groups(s.sampler, s.cfg, step, s.mine, **draw_numbers(args)))]
 
     def losses(model, batch, step):
         """The stage's loss on one step's batch -> (loss, {name: logged value})."""
@@ -345,7 +345,7 @@ def main(argv=None):
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --
-    sampler, sums, n, t0 = s.sampler, {}, 0, time.time()
+    sums, n, t0 = {}, 0, time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.stage,
                disable=not master, mininterval=1.0)
     for step in bar:
@@ -406,8 +406,8 @@ def main(argv=None):
     if master and args.stage == "mae":
         summary = finish_mae(args, raw, ema, s, history, device)
     if master:
-        print(f"wrote {ckpt} (step {args.steps}) and in {args.out}: " + ", ".join(sorted(f for f in os.listdir(args.out)
-                               if f.endswith((".png", ".txt", ".jsonl")))))
+        print(f"wrote {ckpt} (step {args.steps}) and in {args.out}: " + ", ".join(sorted(
+            f for f in os.listdir(args.out) if f.endswith((".png", ".txt", ".jsonl")))))
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()

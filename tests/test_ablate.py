@@ -22,8 +22,9 @@ def ablate_cli(capsys, *args):
 
 def test_ablation_table_runs_its_rows_and_skips_finished_ones(tmp_path, capsys):
     """`ablate.py toy --ablation n_pos`: one run per row and seed, a markdown row per table
-    row with the mean ratio and the paper's FID, table.md and ablation.png; a rerun reads the finished runs
-    (their weights untouched) and prints the same table; the row's flag reached the run."""
+    row with the mean ratio and the paper's FID, table.md and ablation.png; a rerun reads the
+    finished runs (their weights untouched) and prints the same table; the row's flag
+    reached the run."""
     argv = ["toy", "--ablation", "n_pos", "--seeds", "0", "1", "--out", str(tmp_path), "--",
             "--steps", "20", "--batch", "64", "--eval-n", "300", "--frames", "0"]
     first = ablate.main(argv)

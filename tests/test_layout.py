@@ -59,11 +59,11 @@ def test_help_of_the_users_command_shows_its_recipe(capsys):
     """`python train.py --model L2 --help` prints L2's recipe (lr 4e-4, N_pos 64, EMA 0.999),
     not another stage's defaults; `--stage mae --help` prints the MAE recipe of its
     --mae-model (the paper's for the paper's MAEs, the CPU one for mnist)."""
-    import train
+    import config
 
     def help_default(argv, flag):
         with pytest.raises(SystemExit):
-            train.parse_args([*argv, "--help"])
+            config.parse_args([*argv, "--help"])
         text = " ".join(capsys.readouterr().out.split())           # argparse wraps lines
         start = text.index(f" {flag} {flag[2:].upper().replace('-', '_')} ")
         return text[start:].split("(default: ", 1)[1].split(")", 1)[0]

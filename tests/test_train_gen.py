@@ -18,6 +18,7 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
+import config
 import convert
 import data
 import metrics
@@ -133,24 +134,24 @@ def test_alpha_follows_the_power_law_and_the_no_cfg_fraction():
 def test_recipes_follow_table_8(capsys):
     """--model picks the paper's recipe (Tab. 8 and the official configs), flags override it, and
     a recipe whose data is not given stops with a clear message."""
-    ab = train.parse_args(["--stage", "gen", "--model", "ablation", "--data", "mnist5k"])
+    ab = config.parse_args(["--stage", "gen", "--model", "ablation", "--data", "mnist5k"])
     assert (ab.n_classes_per_step, ab.gen_per_label, ab.n_pos, ab.n_unc) == (64, 64, 64, 16)
     assert (ab.lr, ab.weight_decay, ab.warmup, ab.steps, ab.cfg_power) == \
         (2e-4, 0.01, 5000, 30000, 3.0)
     assert (ab.ema, ab.clip, ab.betas, ab.taus, ab.batch) == \
         (0.999, 2.0, [0.9, 0.95], [0.2, 0.05, 0.02], 4096)
-    l2 = train.parse_args(["--stage", "gen", "--model", "L2", "--data", "mnist5k",
+    l2 = config.parse_args(["--stage", "gen", "--model", "L2", "--data", "mnist5k",
                            "--n-pos", "128", "--lr", "1e-4"])
     assert (l2.no_cfg_frac, l2.cfg_power, l2.n_unc, l2.n_pos, l2.lr) == (0.5, 3.0, 32, 128, 1e-4)
-    assert train.parse_args(["--model", "S4"]).stage == "gen"     # `train.py --model L2 ...`
-    assert train.parse_args([]).model == "S4"                    # `python train.py`: MNIST
-    b16 = train.parse_args(["--model", "B16", "--data-path", "x"])
+    assert config.parse_args(["--model", "S4"]).stage == "gen"     # `train.py --model L2 ...`
+    assert config.parse_args([]).model == "S4"                    # `python train.py`: MNIST
+    b16 = config.parse_args(["--model", "B16", "--data-path", "x"])
     assert (b16.data, b16.augment, b16.n_pos) == ("images", True, 128)
     with pytest.raises(SystemExit):                 # the latent recipes need the cache's path
-        train.parse_args(["--stage", "gen", "--model", "B2"])
+        config.parse_args(["--stage", "gen", "--model", "B2"])
     assert "--data latents needs --data-path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "gen", "--model", "L16"])
+        config.parse_args(["--stage", "gen", "--model", "L16"])
     assert "--data images needs --data-path" in capsys.readouterr().err
 
 
@@ -259,7 +260,7 @@ def test_ablation_flags_train_and_need_the_reference_loss(files, tmp_path, capsy
     assert all(not torch.equal(w[k], w["ab1"]) for k in ("sinkhorn", "gauss", "vplus",
                                                          "vplus_fast"))
     with pytest.raises(SystemExit):
-        train.parse_args(gen_args(files, tmp_path / "refused", "--steps", 1, "--kernel",
+        config.parse_args(gen_args(files, tmp_path / "refused", "--steps", 1, "--kernel",
                                   "gaussian"))
     assert "--kernel: the ablations are in field.drift_loss only; add --no-fast-loss" in (
         capsys.readouterr().err)
@@ -279,7 +280,7 @@ def test_cached_real_features_train_as_the_per_step_ones(files, tmp_path, capsys
     for k in w["plain"]:
         torch.testing.assert_close(w["cached"][k], w["plain"][k], rtol=1e-4, atol=1e-6)
     with pytest.raises(SystemExit):
-        train.parse_args(["--model", "S2", "--data", "latents", "--data-path", str(tmp_path),
+        config.parse_args(["--model", "S2", "--data", "latents", "--data-path", str(tmp_path),
                           "--out", str(tmp_path / "latents"), "--cache-features"])
     assert "--cache-features: for --data mnist5k" in capsys.readouterr().err
 

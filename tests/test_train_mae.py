@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import config
 import data
 import toy as toy_module
 import train
@@ -127,14 +128,14 @@ def test_schedules_follow_the_recipe():
     the cls weight is 0 before --cls-start, then ramps linearly to 0.1 and stays there. The
     paper's recipe goes with the paper's MAEs; --mae-model mnist (the default) and mnist_pixel
     have a CPU one whose batch fits MNIST-5k's 4,500 training digits."""
-    args = train.parse_args(["--stage", "mae", "--mae-model", "latent_256", "--data-path", "C",
+    args = config.parse_args(["--stage", "mae", "--mae-model", "latent_256", "--data-path", "C",
                              "--warmup", "10", "--cls-start", "100", "--cls-ramp", "20"])
     assert (args.lr, args.betas, args.weight_decay, args.clip, args.ema, args.data) == \
         (4e-3, [0.9, 0.95], 0.01, 2.0, 0.9995, "latents")
-    mnist = train.parse_args(["--stage", "mae"])
+    mnist = config.parse_args(["--stage", "mae"])
     assert (mnist.data, mnist.batch, mnist.steps, mnist.out) == ("mnist5k", 64, 400,
                                                                  "runs/mae_mnist")
-    pixel = train.parse_args(["--stage", "mae", "--mae-model", "mnist_pixel"])
+    pixel = config.parse_args(["--stage", "mae", "--mae-model", "mnist_pixel"])
     assert vars(pixel) == {**vars(mnist), "mae_model": "mnist_pixel"}
     assert train.lr_at(0, args) == 1e-6 and abs(train.lr_at(5, args) - (1e-6 + 4e-3) / 2) < 1e-12
     assert train.lr_at(10, args) == train.lr_at(29_999, args) == 4e-3
@@ -148,10 +149,10 @@ def test_unknown_data_source_is_refused(capsys):
     """--data takes mnist5k, latents or images; anything else, or a cache without its path,
     stops with a message naming the choices or the command that makes the cache."""
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "mae", "--data", "imagenet_latents"])
+        config.parse_args(["--stage", "mae", "--data", "imagenet_latents"])
     assert "['mnist5k', 'latents', 'images']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "mae", "--data", "latents"])
+        config.parse_args(["--stage", "mae", "--data", "latents"])
     assert "cache.py --images" in capsys.readouterr().err
 
 
