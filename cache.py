@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -44,10 +45,17 @@ def read_cache_index(root):
                                 f"with: {CACHE_MAKE}")
     try:
         with open(path) as f:
-            return json.load(f)
+            info = json.load(f)
     except ValueError as e:                                     # JSONDecodeError, bad UTF-8
         raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun the cache command "
                          f"({CACHE_MAKE}), which keeps the shards made with the same settings")
+    n = info.get("num_shards") if isinstance(info, dict) else None
+    if not (isinstance(n, int) and n >= 1 and isinstance(info.get("vae"), str)
+            and isinstance(info.get("size"), int)):
+        raise ValueError(f"{path}: not a cache index (num_shards {n!r}: a count >= 1, a vae "
+                         f"name and a size expected); delete it and rerun the cache command "
+                         f"({CACHE_MAKE}), which keeps the shards made with the same settings")
+    return info
 
 
 def mmap_safetensors(path):
@@ -58,8 +66,10 @@ def mmap_safetensors(path):
     try:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
             size = os.fstat(f.fileno()).st_size
+            if n > size - 8:                        # read no header larger than the file
+                raise ValueError(f"its header claims {n} bytes, the file has {size}")
+            header = json.loads(f.read(n))
         meta = header.pop("__metadata__", {})
         arrays = {}
         for name, h in header.items():
@@ -182,10 +192,17 @@ def cache_latents(images, out, vae_path, size=256, shard_size=1024, batch=64, se
             empty = torch.zeros(0, 2, vae.cfg.latent_channels, size // f, size // f)
             tensors = {"latents": torch.cat(latents) if latents else empty,   # (n, 2, 4, h, w)
                        "labels": labels[kept], "index": torch.tensor(kept, dtype=torch.long)}
-            save_file(tensors, shard_path(out, k) + ".tmp",
-                      dict(version=CACHE_VERSION, vae=info["vae"], size=str(size), shard=str(k),
-                           skipped=json.dumps(skipped)))
-            os.replace(shard_path(out, k) + ".tmp", shard_path(out, k))
+            try:                                # a shard is whole or absent: rerun resumes
+                save_file(tensors, shard_path(out, k) + ".tmp", dict(
+                    version=CACHE_VERSION, vae=info["vae"], size=str(size), shard=str(k),
+                    skipped=json.dumps(skipped)))
+                os.replace(shard_path(out, k) + ".tmp", shard_path(out, k))
+            except Exception as e:              # a full disk, above all
+                if os.path.exists(shard_path(out, k) + ".tmp"):
+                    os.remove(shard_path(out, k) + ".tmp")
+                raise OSError(f"{shard_path(out, k)}: could not write the shard ({e}); free "
+                              f"disk space and rerun the same command: the finished shards "
+                              f"are kept") from e
     bar.close()
     return info
 
@@ -224,7 +241,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-
 @torch.no_grad()
 def embed_all(phi, images, batch=250):
     """images (N, C, H, W) -> {name: (N, T, D)}: every feature group of every real sample
@@ -233,5 +249,9 @@ def embed_all(phi, images, batch=250):
              for i in range(0, len(images), batch)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:          # a message naming the file, not a traceback
+        sys.exit(f"cache.py: error: {e}")

@@ -13,10 +13,13 @@ sample.py, fid.py, ablate.py and train.py --resume.
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2); the official code's
 utils/ckpt_util.py keeps flax msgpack files instead (convert.py reads those).
 """
+import ctypes
+import fcntl
 import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -76,6 +79,7 @@ def save_checkpoint(model, path, kind="gen", ema=None, config=None, train_state=
     if train_state is not None:
         metadata["train"] = json.dumps(pack(train_state, "train", sd))
     metadata["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in sd.items()})
+    metadata["meta_sha256"] = metadata_sha256(metadata)         # and the JSON around them
     tmp, folder = f"{path}.tmp", os.path.dirname(os.path.abspath(path))
     try:
         save_file(sd, tmp, metadata=metadata)
@@ -89,16 +93,19 @@ def save_checkpoint(model, path, kind="gen", ema=None, config=None, train_state=
             raise OSError(f"{path}: could not write the checkpoint ({e}); the previous file, if "
                           f"any, is untouched") from e
         raise                                           # Ctrl-C, SystemExit: as they are
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)                                    # and the rename itself is durable
-    finally:
-        os.close(fd)
+    fsync_folder(folder)                                # and the rename itself is durable
+
+
+def metadata_sha256(metadata):
+    """sha256 of every metadata string but its own: the args, step, history and tensor
+    digests are verified like the tensors (one edited character changes it)."""
+    rest = {k: v for k, v in metadata.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_metadata(path):
     """A run folder or .safetensors file -> (file path, its metadata with "config", "args"
-    and "train" parsed from JSON). Errors name the file."""
+    and "train" parsed from JSON), verified against its meta_sha256. Errors name the file."""
     from safetensors import safe_open
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
@@ -106,13 +113,40 @@ def read_metadata(path):
         raise FileNotFoundError(f"{path}: no such weights file")
     try:
         with safe_open(path, "pt") as f:
-            meta = dict(f.metadata() or {})
-        for key in ("config", "args", "train", "sha256", "data"):
-            if key in meta:
-                meta[key] = json.loads(meta[key])
+            raw = dict(f.metadata() or {})
+        meta = {k: json.loads(v) if k in ("config", "args", "train", "sha256", "data") else v
+                for k, v in raw.items()}
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+    if "sha256" not in raw or "meta_sha256" not in raw:
+        raise ValueError(f"{path}: no recorded checksums (sha256, meta_sha256): not written by "
+                         f"this code's checkpoint.save_checkpoint (or by a version before "
+                         f"metadata checksums); nothing in it can be verified, so it is not loaded")
+    if metadata_sha256(raw) != raw["meta_sha256"]:
+        raise ValueError(f"{path}: its metadata (args, step, history, digests) does not match "
+                         f"its recorded meta_sha256: the file was edited or is corrupt; use "
+                         f"another checkpoint")
     return path, meta
+
+
+def file_sha256(path, name="model.safetensors"):
+    """sha256 of a weights file's bytes (a folder: its `name`), None for no path: the identity
+    of frozen weights that carry no recorded digests (ConvNeXt's transformers file)."""
+    if path is None:
+        return None
+    path = os.path.join(path, name) if os.path.isdir(path) else path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path):
+    """The identity of a checkpoint's weights: sha256 of its recorded tensor digests (each
+    verified whenever the weights are read), so a run can record which frozen encoder it saw."""
+    return hashlib.sha256(json.dumps(read_metadata(path)[1]["sha256"], sort_keys=True)
+                          .encode()).hexdigest()
 
 
 def read_checkpoint(path, kind, ema=True, device="cpu"):
@@ -125,16 +159,20 @@ def read_checkpoint(path, kind, ema=True, device="cpu"):
     path, meta = read_metadata(path)
     if meta.get("kind") != kind or "config" not in meta:
         raise ValueError(f"{path}: holds kind={meta.get('kind')!r}, expected {kind!r} weights")
-    sums, sd = meta.get("sha256", {}), {}
+    sums, sd = meta["sha256"], {}
     try:
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
+            if set(keys) != set(sums):
+                raise ValueError(f"tensors {sorted(set(keys) ^ set(sums))[:3]} have no recorded "
+                                 f"sha256 or are missing: the file was edited; use another "
+                                 f"checkpoint")
             pick = "ema/" if ema and any(k.startswith("ema/") for k in keys) else ""
             for k in keys:
                 if ema is None or (k.startswith(pick) and (pick or not k.startswith(("ema/",
                                                                                   "train/")))):
                     sd[k if ema is None else k[len(pick):]] = t = f.get_tensor(k)
-                    if k in sums and tensor_sha256(t) != sums[k]:
+                    if tensor_sha256(t) != sums[k]:
                         raise ValueError(f"tensor {k!r} does not match its recorded sha256: "
                                          f"the file is corrupt; use another checkpoint")
                     if t.is_floating_point() and not t.isfinite().all():
@@ -154,12 +192,25 @@ def load_training_checkpoint(run_dir, raw, ema, meta, strict=True):
     if "train" not in saved:
         raise ValueError(f"--resume: {run_dir} holds weights only (no optimizer state): not a "
                          f"train.py checkpoint; pass a new --out")
+    now = {k: json.loads(meta[k]) for k in ("config", "data")}
+    for name in ("mae_sha256", "convnext_sha256"):     # the frozen encoders, by identity
+        if strict and saved.get("data", {}).get(name) != now["data"].get(name):
+            raise ValueError(f"--resume: the {name[:-7]} weights ({now['data'][name[:-7]]}, "
+                             f"sha256 {str(now['data'].get(name))[:12]}) are not the ones "
+                             f"{run_dir} was trained with (sha256 "
+                             f"{str(saved.get('data', {}).get(name))[:12]}); pass those, or "
+                             f"--change-args to go on with these")
     for key in ("config", "data") if strict else ("config",):
-        if saved.get(key) != json.loads(meta[key]):
+        if saved.get(key) != now[key]:
             raise ValueError(f"--resume: {run_dir} has {key} {saved.get(key)}, but this run has "
                              f"{meta[key]}; pass the flags it was trained with or a new --out")
-    raw.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("ema/", "train/"))})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    try:
+        raw.load_state_dict({k: v for k, v in tensors.items()
+                             if not k.startswith(("ema/", "train/"))})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    except RuntimeError as e:                           # a tensor of another shape or name
+        raise ValueError(f"--resume: {run_dir}: its weights do not fit this run's model "
+                         f"({str(e).splitlines()[-1].strip()}); pass a new --out") from e
     return unpack(saved["train"], tensors)
 
 
@@ -172,10 +223,12 @@ def read_train_state(path):
 
 
 def write_atomic(out, write):
-    """write(tmp) to a temp file of out's extension, then rename it over `out`: an error or
-    Ctrl-C midway leaves no partial file and any previous `out` as it was."""
-    root, ext = os.path.splitext(out)
-    tmp = f"{root}.tmp{ext}"
+    """write(tmp) to a temp file beside `out` (hidden, .NAME.tmp.EXT: no user file's name;
+    out's extension, which np.savez and PIL go by; a killed write's is reused by the next),
+    then rename it over `out`: an error or Ctrl-C midway leaves no partial file and any
+    previous `out` as it was."""
+    folder, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
     try:
         write(tmp)
         os.replace(tmp, out)
@@ -203,7 +256,8 @@ def rng_states(streams, device, world):
 
 def resume_run(run_dir, raw, ema, opt, meta, streams, rank, world, device, strict=True):
     """--resume: weights, EMA and optimizer state loaded in place from run_dir (verified), and
-    this rank's random streams restored when the run had as many ranks -> (step, history)."""
+    this rank's random streams restored when the run had as many ranks -> (step, history,
+    the partial sums of a log row that a stop interrupted, or None)."""
     state = load_training_checkpoint(run_dir, raw, ema, meta, strict=strict)
     opt.load_state_dict(state["optimizer"])
     if len(state["rng"]) == world:                              # this rank's streams go on
@@ -217,35 +271,112 @@ def resume_run(run_dir, raw, ema, opt, meta, streams, rank, world, device, stric
               f"and mask streams, not an exact continuation")
     if rank == 0:
         print(f"resumed {run_dir} at step {state['step']}")
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("pending")
 
 
-def check_run_folder(out, resume, overwrite):
-    """Refuse to start a run in a folder that holds another one, unless told which to do."""
-    if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in (
-            "model.safetensors", "log.txt")):
+# The run folder holds one run: --overwrite replaces it as a unit (the new run writes to
+# OUT.next until its first checkpoint, then takes OUT's place in one rename), --resume
+# continues it, and a lock (.OUT.lock beside it) keeps a second process out.
+LOCKS = {}      # this process's run-folder locks: a rerun in the same process takes its own over
+
+
+def claim_run_folder(out, resume, overwrite):
+    """Rank 0, before any work: the lock on OUT (fcntl.flock of .OUT.lock beside it: the kernel
+    drops it when the process ends, so a killed run leaves no stuck lock); an interrupted
+    replacement undone or finished; the refusals (a run in OUT without --resume or
+    --overwrite, one stopped before its first checkpoint). -> the folder this run writes until
+    its first checkpoint: OUT, or OUT.next when --overwrite replaces a run."""
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if out in LOCKS:
+        LOCKS.pop(out).close()
+    path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"--out {out}: another process is running in this folder ({path} is "
+                         f"locked); wait for it to end, or pass another --out") from None
+    LOCKS[out] = lock
+    if os.path.isdir(out + ".old"):                     # a replacement killed half-way:
+        if os.path.isdir(out):
+            shutil.rmtree(out + ".old")                 # the new run had taken OUT's place
+        else:
+            os.replace(out + ".old", out)               # the old run goes back
+    if os.path.isdir(out + ".next"):
+        shutil.rmtree(out + ".next")                    # a replacement that never saved
+    has = lambda f: os.path.exists(os.path.join(out, f))
+    if not resume and not overwrite and has("model.safetensors"):
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it, "
                          f"--overwrite to replace it, or a new --out")
+    if not resume and not overwrite and has("log.txt"):
+        raise ValueError(f"--out {out} holds a run stopped before its first checkpoint (log.txt, "
+                         f"no model.safetensors): nothing to resume; pass --overwrite to start "
+                         f"it again, or a new --out")
+    if overwrite and not resume and any(map(has, ("model.safetensors", "log.txt", "snapshots"))):
+        print(f"--overwrite: the new run writes to {out}.next until its first checkpoint, then "
+              f"replaces {out} whole (until then {out} holds the old run)")
+        return out + ".next"
+    return out
 
 
-def prepare_run_folder(out, resume, overwrite, start, snapshots):
-    """Rank 0, once every input has been checked: the folder made, an --overwrite'n run's
-    checkpoint removed, a save killed half-way cleaned up, a fresh log (or, resuming, the
-    log rows after the checkpoint's step dropped: those steps rerun)."""
+def replace_run(new, out):
+    """--overwrite's commit, right after the new run's first checkpoint: its folder takes
+    OUT's place in one step (renameat2 RENAME_EXCHANGE), then the old run is deleted. Where
+    the file system cannot exchange: OUT -> OUT.old, new -> OUT (a kill in between leaves
+    OUT.old, which claim_run_folder puts back). -> OUT."""
+    out, old = os.path.abspath(out), os.path.abspath(new)
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchanged = hasattr(libc, "renameat2") and libc.renameat2(
+        -100, os.fsencode(new), -100, os.fsencode(out), 2) == 0     # AT_FDCWD, RENAME_EXCHANGE
+    if not exchanged:
+        old = out + ".old"
+        os.replace(out, old)
+        os.replace(new, out)
+    fsync_folder(os.path.dirname(out))                  # the new name is durable ...
+    shutil.rmtree(old)                                  # ... before the old run goes
+    return out
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_run_folder(out, resume, start, snapshots):
+    """Rank 0, once every input has been checked: the folder made, a save killed half-way
+    cleaned up, a fresh log; resuming, the log.jsonl rows after the checkpoint's step dropped
+    (those steps rerun), rewritten through a temp file: a kill leaves the old rows or the new.
+    A torn last row (a full disk or a kill mid-write) is dropped with a note."""
     ckpt, log, jsonl = (os.path.join(out, f) for f in ("model.safetensors", "log.txt",
                                                           "log.jsonl"))
     os.makedirs(out, exist_ok=True)
-    if overwrite and not resume and os.path.exists(ckpt):
-        os.remove(ckpt)                                         # --overwrite: the old run goes
     if os.path.exists(ckpt + ".tmp"):
         os.remove(ckpt + ".tmp")                                # a save killed half-way
     if snapshots:
         os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
     if not resume:
         open(log, "w").close()                                  # a fresh run, a fresh log
-    rows = open(jsonl).readlines() if resume and os.path.exists(jsonl) else []
-    with open(jsonl, "w") as f:                                 # rows after the checkpoint go:
-        f.writelines(r for r in rows if json.loads(r)["step"] <= start)       # they rerun
+    lines = open(jsonl).read().splitlines() if resume and os.path.exists(jsonl) else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{jsonl}: line {i + 1} is not JSON ({line[:40]!r}); fix or "
+                                 f"delete that line, then --resume again") from None
+            print(f"NOTE: {jsonl}: its last line was cut off (a full disk or a kill while it "
+                  f"was written); dropped, the step reruns")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+    write_atomic(jsonl, write)
 
 
 def check_update(raw, ema, loss_after, done, ddp, device):
@@ -266,10 +397,12 @@ def check_update(raw, ema, loss_after, done, ddp, device):
     return None
 
 
-def save_training(path, raw, ema, opt, step, meta, history, streams, world, device, loss_after):
+def save_training(path, raw, ema, opt, step, meta, history, streams, world, device, loss_after,
+                  pending=None):
     """train.py's save: after check_update, every rank's RNG states gathered and rank 0
-    writes raw + EMA weights, optimizer, step, RNG states and history as ONE checkpoint.
-    -> None, or what is wrong with the weights (then nothing is written)."""
+    writes raw + EMA weights, optimizer, step, RNG states, history (and `pending`: a stop's
+    partial log row, {sums, n}) as ONE checkpoint. -> None, or what is wrong with the
+    weights (then nothing is written)."""
     ddp = world > 1
     bad = check_update(raw, ema, loss_after, step, ddp, device)
     if bad:
@@ -277,7 +410,17 @@ def save_training(path, raw, ema, opt, step, meta, history, streams, world, devi
     rngs = rng_states(streams, device, world)                   # every rank's, for --resume
     if not ddp or torch.distributed.get_rank() == 0:
         save_checkpoint(raw, path, meta["kind"], ema=ema, step=step, args=meta["args"],
-                        data=meta["data"], train_state=dict(optimizer=opt.state_dict(),
-                                                            step=step, rng=rngs,
-                                                            history=history))
+                        data=meta["data"], train_state=dict(
+                            optimizer=opt.state_dict(), step=step, rng=rngs, history=history,
+                            **({} if pending is None else dict(pending=pending))))
     return None
+
+
+def stopped(what, out, lr, saved_at):
+    """The error of a run that went non-finite, saying where the last good checkpoint is."""
+    ckpt = os.path.join(out, "model.safetensors")
+    return FloatingPointError(f"{what}; stopped. " + (
+        f"The last good checkpoint, {ckpt} (step {saved_at}), is untouched: resume it with "
+        f"a lower lr or clip, e.g. python train.py --resume --out {out} --lr {lr / 10:g} "
+        f"--change-args" if saved_at else
+        "No checkpoint was written: start again with a lower --lr or --clip"))

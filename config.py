@@ -78,8 +78,9 @@ FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "dev
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
             "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
 NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
-                "eval_every", "snapshot_every"]
+                "eval_every", "snapshot_every", "seed", "attract", "repel", "cls_lambda"]
 POSITIVE += ["eval_n"]
+AT_MOST_ONE = ["no_cfg_frac", "cls_lambda"]         # fractions and weights
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -197,12 +198,24 @@ def parse_args(argv=None, description=None):
                                       .startswith("mnist") else "mae") if stage == "mae" else
                                      given(argv, "--model", "S4"), {}), description)
     args = parser.parse_args(argv)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: a file, not a run folder; pass a folder path (it is "
+                     f"made) or remove the file")
     if args.resume:
         args = resumed_args(parser, argv, args)
+    for k, v in vars(args).items():     # NaN and inf pass no comparison test below: name them
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (
+                v if isinstance(v, list) else [v])):
+            parser.error(f"--{k.replace('_', '-')} {v}: must be a finite number")
     for k in POSITIVE + NON_NEGATIVE:
         v = getattr(args, k)
         if v is not None and not (v > 0 if k in POSITIVE else v >= 0):
             parser.error(f"--{k.replace('_', '-')} {v}: must be {'>' if k in POSITIVE else '>='} 0")
+    for k in AT_MOST_ONE:
+        if getattr(args, k) is not None and getattr(args, k) > 1:
+            parser.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be <= 1")
+    if not all(0 <= b < 1 for b in args.betas):
+        parser.error(f"--betas {args.betas}: AdamW's betas must be in [0, 1)")
     if args.eval_every % args.log_every:
         parser.error(f"--eval-every {args.eval_every} must be a multiple of --log-every "
                      f"{args.log_every} (its value goes into that log row)")
@@ -221,9 +234,8 @@ def parse_args(argv=None, description=None):
     if ablated and args.fast_loss:
         parser.error(f"{' '.join('--' + k.replace('_', '-') for k in ablated)}: the ablations "
                      f"are in field.drift_loss only; add --no-fast-loss")
-    if args.attract < 0 or args.repel < 0 or args.sinkhorn_iters < 1:
-        parser.error(f"--attract {args.attract}, --repel {args.repel} must be >= 0 and "
-                     f"--sinkhorn-iters {args.sinkhorn_iters} >= 1")
+    if args.sinkhorn_iters < 1:
+        parser.error(f"--sinkhorn-iters {args.sinkhorn_iters}: must be >= 1")
     if args.stage == "gen":
         args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
     return args
@@ -235,8 +247,10 @@ def resumed_args(parser, argv, args):
     try:
         path, meta = read_metadata(args.out)
     except FileNotFoundError:
-        parser.error(f"--resume: no checkpoint in {args.out} (model.safetensors); start the run "
-                     f"without --resume")
+        parser.error(f"--resume: no checkpoint in {args.out} (model.safetensors); " + (
+            "the run there stopped before its first checkpoint: start it again with "
+            "--overwrite (not --resume)" if os.path.exists(os.path.join(args.out, "log.txt"))
+            else "start the run without --resume"))
     except ValueError as e:
         parser.error(f"--resume: {e}")
     was, unset = meta.get("args", {}), object()     # typed: what this command line sets itself
@@ -288,6 +302,14 @@ def check_data(args, cfg, shape, labels, world, n_train=None):
     if args.n_classes_per_step % world:
         raise ValueError(f"--n-classes-per-step {args.n_classes_per_step} must divide by "
                          f"the {world} ranks (each class group lives whole on one rank)")
+    per_step = (args.n_classes_per_step // world * (args.n_pos + args.n_unc + args.gen_per_label)
+                * math.prod(shape) * 4)                # bytes of one step's samples per rank
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_step > ram:
+        raise ValueError(f"--n-pos {args.n_pos}, --n-unc {args.n_unc}, --gen-per-label "
+                         f"{args.gen_per_label}, --n-classes-per-step {args.n_classes_per_step}: "
+                         f"one step's samples alone would take {per_step / 1e9:.3g} GB per rank, "
+                         f"more than this machine's {ram / 1e9:.3g} GB; pass smaller numbers")
     want = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if shape != want or K > cfg.num_classes:
         raise ValueError(f"--data {args.data} holds {shape} samples of {K} classes; --model "

@@ -15,7 +15,6 @@ Data for Drifting Models.
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2).
 Demo:  python data.py
 """
-import glob
 import gzip
 import importlib.util
 import math
@@ -349,7 +348,7 @@ def read_image(file, decode=True):
     try:
         with Image.open(file) as im:
             return np.asarray(im.convert("RGB")) if decode else im.size
-    except OSError as e:  # unidentified format; a truncated body fails only at the decode
+    except (OSError, Image.DecompressionBombError) as e:  # unknown format, cut off, a bomb
         raise ValueError(f"{file}: not a readable image ({e}); re-export or remove it") from e
 
 
@@ -362,8 +361,9 @@ def open_images(path=None, data=None):
         keep = {"mnist5k-a": a, "mnist5k-b": b}.get(data, slice(None))
         arr = ((x[keep] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     elif os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
                        if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+        # os.walk follows no folder links: a link loop cannot count an image many times
         if not files:
             raise FileNotFoundError(f"{path}: no image files")
         W, H = read_image(files[0], decode=False)

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -42,18 +43,23 @@ def load_checkpoint(path, device="cpu", ema=True):
     """A run folder or model.safetensors of kind "gen" -> DriftDiT in eval mode (EMA weights
     when the file has them, unless ema=False)."""
     config, sd, _ = read_checkpoint(path, "gen", ema, device)
-    with torch.device("meta"):  # no init work: every tensor comes from the file
-        model = DriftDiT.from_config(config)
-    model.load_state_dict(sd, assign=True)
+    odd = next((k for k, v in sd.items() if v.is_floating_point() and v.dtype != torch.float32),
+               None)
+    if odd:                     # our generators are float32 (autocast casts where it runs)
+        raise ValueError(f"{path}: tensor {odd!r} is {sd[odd].dtype}, not float32: not a "
+                         f"DriftDiT checkpoint of this code (convert.py writes float32)")
+    try:
+        with torch.device("meta"):  # no init work: every tensor comes from the file
+            model = DriftDiT.from_config(config)
+        model.load_state_dict(sd, assign=True)
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:  # not DriftDiT's
+        raise ValueError(f"{path}: not a DriftDiT generator checkpoint ({e})") from e
     return model.eval()
 
 
 def load_generator(path, device, ema=True, vae=None):
     """The DriftDiT of a run folder / model.safetensors (EMA weights unless ema=False)."""
-    try:
-        model = load_checkpoint(path, device, ema)
-    except (TypeError, RuntimeError) as e:  # a "gen" file whose config/weights are not DriftDiT
-        raise ValueError(f"{path}: not a DriftDiT generator checkpoint ({e})") from e
+    model = load_checkpoint(path, device, ema)
     if model.cfg.out_channels == LATENT_CHANNELS and vae is None:
         raise ValueError(f"{path}: a latent model ({LATENT_CHANNELS}-channel output) needs the "
                          f"SD-VAE decoder: pass --vae PATH (sd-vae-ft-mse's "
@@ -226,15 +232,25 @@ def main(argv=None):
         if rank == 0:
             write_atomic(out, lambda tmp: save_grid(images, len(classes), tmp, scale=args.scale))
     else:  # each rank's share goes through a file: no 10 GB collective for 50k ImageNet images
-        np.save(f"{out}.part{rank}.npy", images.numpy())
-        if ddp:
-            dist.barrier()
+        parts = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}"
+                             ".parts")                  # hidden, of its own: no user file hit
         if rank == 0:
-            arr = np.empty((N, *images.shape[1:]), np.uint8)
-            for r in range(world):
-                arr[r::world] = np.load(f"{out}.part{r}.npy")             # sample r + world*j
-                os.remove(f"{out}.part{r}.npy")
-            write_atomic(out, lambda tmp: np.savez(tmp, arr_0=arr, labels=np.arange(N) % K))
+            shutil.rmtree(parts, ignore_errors=True)   # a killed run's
+            os.makedirs(parts)
+        try:
+            if ddp:
+                dist.barrier()
+            np.save(os.path.join(parts, f"{rank}.npy"), images.numpy())
+            if ddp:
+                dist.barrier()
+            if rank == 0:
+                arr = np.empty((N, *images.shape[1:]), np.uint8)
+                for r in range(world):                              # sample r + world*j
+                    arr[r::world] = np.load(os.path.join(parts, f"{r}.npy"))
+                write_atomic(out, lambda tmp: np.savez(tmp, arr_0=arr, labels=np.arange(N) % K))
+        finally:                # also on a full disk: no partial part left to keep it full
+            if rank == 0:
+                shutil.rmtree(parts, ignore_errors=True)
     if rank == 0:
         print(f"wrote {out}")
     if ddp:

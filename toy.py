@@ -114,7 +114,7 @@ def parse_args(argv=None):
     if args.frames != parser.get_default("frames") and not all(
             s.strip().isdecimal() and int(s) <= args.steps for s in args.frames.split(",")):
         parser.error(f"--frames {args.frames}: expected comma-separated steps in 0..{args.steps}")
-    if args.attract < 0 or args.repel < 0:
+    if not (args.attract >= 0 and args.repel >= 0):                  # NaN fails too
         parser.error(f"--attract {args.attract} --repel {args.repel}: scales must be >= 0")
     old = [f for f in ("log.txt", "model.safetensors") if os.path.exists(f"{args.out}/{f}")]
     if old and not args.overwrite:

@@ -39,8 +39,9 @@ from tqdm import tqdm
 import field
 import field_fast
 from cache import LatentCache, embed_all
-from checkpoint import (check_run_folder, prepare_run_folder, read_checkpoint, resume_run,
-                        save_checkpoint, save_training)
+from checkpoint import (claim_run_folder, file_sha256, prepare_run_folder, read_checkpoint,
+                        replace_run, resume_run, save_checkpoint, save_training, stopped,
+                        weights_sha256)
 from config import PRESET, check_data, cls_lambda, draw_numbers, lr_at, parse_args
 from convnext import convnext_from_hf, pixel_feature_groups
 from data import ImageFolder, TensorSampler, draw_groups, mnist5k, split_per_class, subset
@@ -190,21 +191,23 @@ def setup_gen(args, images, labels, shape, world, rank, device):
     return SimpleNamespace(model=model, cfg=cfg, sampler=TensorSampler(images, labels, args.seed),
                            streams={}, phi=phi, real=real, cached=cached,
                            mine=range(rank * per_rank, (rank + 1) * per_rank),
-                           info=dict(mae=args.mae_ckpt, convnext=args.convnext,
-                                     holdout=args.holdout if args.eval_every else None))
+                           info=dict(mae=args.mae_ckpt, mae_sha256=weights_sha256(args.mae_ckpt),
+                                     convnext=args.convnext, convnext_sha256=file_sha256(
+                                         args.convnext), holdout=args.holdout if args.eval_every
+                                     else None))
 
 
 # --- Helpers of the loop: pictures, the log, the checks before a save ---
-def pictures(args, ema, s, done, device):
+def pictures(args, out, ema, s, done, device):
     """Rank 0, --stage gen: the EMA's sample grid (a row per class, fixed seeds) every
     --sample-every steps and at the end; its weights in snapshots/ every --snapshot-every."""
     if s.cfg.out_channels in (1, 3) and (
             done == args.steps or args.sample_every > 0 and done % args.sample_every == 0):
         lab = s.sampler.classes[:10].repeat_interleave(10)
         x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
-        save_grid(decode(x), len(lab) // 10, os.path.join(args.out, "samples.png"), scale=2)
+        save_grid(decode(x), len(lab) // 10, os.path.join(out, "samples.png"), scale=2)
     if args.snapshot_every and done % args.snapshot_every == 0:      # EMA only: fid.py steps
-        save_checkpoint(ema, os.path.join(args.out, "snapshots", f"ema_{done:07d}"
+        save_checkpoint(ema, os.path.join(out, "snapshots", f"ema_{done:07d}"
                                           ".safetensors"), step=done)
 
 
@@ -228,27 +231,16 @@ def stop_requested(ddp, device):
     return stopping
 
 
-def stopped(what, args, saved_at):
-    """The error of a run that went non-finite: where the last good checkpoint is."""
-    ckpt = os.path.join(args.out, "model.safetensors")
-    return FloatingPointError(f"{what}; stopped. " + (
-        f"The last good checkpoint, {ckpt} (step {saved_at}), is untouched: resume it with "
-        f"a lower lr or clip, e.g. python train.py --resume --out {args.out} --lr "
-        f"{args.lr / 10:g} --change-args" if saved_at else
-        "No checkpoint was written: start again with a lower --lr or --clip"))
-
-
-
 # --- The end of a run: curves, pictures, the MAE's held-out evaluation (rank 0) ---
-def finish_gen(args, history):
+def finish_gen(args, out, history):
     """The V^2 curves per tau (loss.png) and, with --eval-every, FD_MAE and FD_pix (fd_mae.png)."""
     steps_logged = [h["step"] for h in history]
-    save_curves(os.path.join(args.out, "loss.png"), {f"tau {t}": (steps_logged, [
+    save_curves(os.path.join(out, "loss.png"), {f"tau {t}": (steps_logged, [
         h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
         f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
     fd = [h for h in history if "fd_mae" in h]
     if fd:                          # the metrics that move while V^2 stays flat
-        save_curves(os.path.join(args.out, "fd_mae.png"), {
+        save_curves(os.path.join(out, "fd_mae.png"), {
             "FD_MAE (MAE layer-4 means, 256-d)": ([h["step"] for h in fd],
                                                  [h["fd_mae"] for h in fd]),
             "FD_pix / 100 (pooled pixels)": ([h["step"] for h in fd],
@@ -257,34 +249,34 @@ def finish_gen(args, history):
             f"{args.holdout}/class held out", ylabel="Frechet distance")
 
 
-def finish_mae(args, raw, ema, s, history, device):
+def finish_mae(args, out, raw, ema, s, history, device):
     """The held-out evaluation (metrics.mae_heldout) in log.txt; the loss curve beside it, and
     one held-out item per class masked, reconstructed and as it was (mae.png)."""
     summary, x_held = mae_heldout(raw, ema, s.images, s.train_idx, s.held_idx, device)
     summary = dict(step=args.steps, **summary)
-    with open(os.path.join(args.out, "log.txt"), "a") as f:
+    with open(os.path.join(out, "log.txt"), "a") as f:
         print(json.dumps(summary), file=f)
     ema_l2, baseline = summary["ema_masked_l2"], summary["mean_image_masked_l2"]
     print(f"held-out masked L2 (per masked location): EMA {ema_l2:.4f} | raw "
           f"{summary['raw_masked_l2']:.4f} | mean-image baseline {baseline:.4f}")
     steps_logged = [h["step"] for h in history]
-    save_curves(os.path.join(args.out, "mae_loss.png"), {
+    save_curves(os.path.join(out, "mae_loss.png"), {
         "train loss (masked L2)": (steps_logged, [h["loss"] for h in history]),
         f"held-out EMA {ema_l2:.3f}": (steps_logged, [ema_l2] * len(history)),
         f"mean-image baseline {baseline:.3f}": (steps_logged, [baseline] * len(history))},
         title=f"MAE {args.mae_model} on {args.data}", ylabel="masked L2")
     if s.cfg.in_channels in (1, 3):
         save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
-                  os.path.join(args.out, "mae.png"), scale=3)
+                  os.path.join(out, "mae.png"), scale=3)
     return summary
 
 
 # --- Main: DDP, data, models, optimizer, then the loop ---
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    check_run_folder(args.out, args.resume, args.overwrite)
+    master = int(os.environ.get("RANK", 0)) == 0   # only this rank prints, logs and saves
+    out = claim_run_folder(args.out, args.resume, args.overwrite) if master else args.out
     ddp, rank, world, device = setup_ddp(args)
-    master = rank == 0                             # only this rank prints, logs and saves
     if master:
         print(json.dumps(vars(args)))
     images, labels, shape = load_data(args)
@@ -301,10 +293,10 @@ def main(argv=None):
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
-    start, history = 0, []
+    start, history, pending = 0, [], None
     if args.resume:
-        start, history = resume_run(args.out, raw, ema, opt, meta, s.streams, rank, world,
-                                    device, strict=not args.change_args)
+        start, history, pending = resume_run(args.out, raw, ema, opt, meta, s.streams, rank,
+                                             world, device, strict=not args.change_args)
     else:
         update_ema(ema, raw, 0.0)
     saved_at = start or None
@@ -316,7 +308,7 @@ def main(argv=None):
                          enabled=device.type == "cuda" and args.precision == "bf16")
     ckpt = os.path.join(args.out, "model.safetensors")
     if master:                      # the folder is made now that every input has been checked
-        prepare_run_folder(args.out, args.resume, args.overwrite, start, args.snapshot_every)
+        prepare_run_folder(out, args.resume, start, args.snapshot_every)
     # issue 18's ablations (field_fast has a and b; parse_args refuses the others with it)
     ablation = dict(kernel=args.kernel, kernel_norm=args.kernel_norm,
                     sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
@@ -345,7 +337,8 @@ def main(argv=None):
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --
-    sums, n, t0 = {}, 0, time.time()
+    sums, n, t0 = ({k: v.to(device) for k, v in pending["sums"].items()}, pending["n"],
+                   time.time()) if pending else ({}, 0, time.time())     # a stop's partial row
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.stage,
                disable=not master, mininterval=1.0)
     for step in bar:
@@ -364,12 +357,13 @@ def main(argv=None):
             sums[k] = sums.get(k, 0) + v.float()             # on device: no sync
         n, done = n + 1, step + 1
         if master and args.stage == "gen":
-            pictures(args, ema, s, done, device)                # the grid, EMA snapshots
+            pictures(args, out, ema, s, done, device)           # the grid, EMA snapshots
         stopping = stop_requested(ddp, device)      # SIGINT / SIGTERM: save, then exit
         save_now = stopping or done % args.ckpt_every == 0 or done == args.steps
         eval_now = args.stage == "gen" and args.eval_every > 0 and (
             done % args.eval_every == 0 or done == args.steps)
-        if done % args.log_every and not (save_now or eval_now):
+        row = done % args.log_every == 0 or eval_now or save_now and not stopping  # any run's
+        if not (row or stopping):
             continue
         avg = torch.stack(list(sums.values())) / n                  # one all_reduce per line
         if ddp:
@@ -379,17 +373,22 @@ def main(argv=None):
             # NOTE: checked at log/checkpoint steps only (a per-step check would sync every
             # step); no checkpoint is written after the bad step, so the last one stays good.
             raise stopped(f"non-finite loss or gradient in steps {done - n + 1}..{done} "
-                          f"({avg})", args, saved_at)
+                          f"({avg})", args.out, args.lr, saved_at)
         if eval_now and master:     # EMA samples of fixed seeds vs the held-out digits
             avg.update(evaluate(args, ema, s, device))
-        history.append(dict(step=done, **avg))
-        if master:
-            bar.write(write_log(args.out, done, avg, lr, img_s, device, args.eval_every > 0))
+        if row:                     # a stop between rows logs none: its sums are saved instead
+            history.append(dict(step=done, **avg))
+        if row and master:
+            bar.write(write_log(out, done, avg, lr, img_s, device, args.eval_every > 0))
         if save_now:                # only weights whose loss is finite are ever saved
-            bad = save_training(ckpt, raw, ema, opt, done, meta, history, s.streams, world,
-                                device, lambda: losses(raw, batch, step)[0])
+            bad = save_training(os.path.join(out, "model.safetensors"), raw, ema, opt, done, meta,
+                                history, s.streams, world, device,
+                                lambda: losses(raw, batch, step)[0], None if row else dict(
+                                    sums=sums, n=n))
             if bad:
-                raise stopped(bad, args, saved_at)
+                raise stopped(bad, args.out, args.lr, saved_at)
+            if master and out != os.path.abspath(args.out):     # --overwrite: the new run
+                out = replace_run(out, args.out)                # replaces the old one, whole
             saved_at = done
         if stopping:
             sig = signal.Signals(STOP[0] if STOP else signal.SIGTERM)
@@ -402,12 +401,12 @@ def main(argv=None):
     # -- the end: curves, pictures, evaluation (rank 0) --
     summary = dict(step=args.steps, **{k: v for k, v in history[-1].items() if k != "step"})
     if master and args.stage == "gen":
-        finish_gen(args, history)
+        finish_gen(args, out, history)
     if master and args.stage == "mae":
-        summary = finish_mae(args, raw, ema, s, history, device)
+        summary = finish_mae(args, out, raw, ema, s, history, device)
     if master:
         print(f"wrote {ckpt} (step {args.steps}) and in {args.out}: " + ", ".join(sorted(
-            f for f in os.listdir(args.out) if f.endswith((".png", ".txt", ".jsonl")))))
+            f for f in os.listdir(out) if f.endswith((".png", ".txt", ".jsonl")))))
     if ddp:
         dist.barrier()                                          # rank 0 finished its pictures
         dist.destroy_process_group()
@@ -434,12 +433,13 @@ def cli(argv=None):
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-        peer = isinstance(e, dist.DistError) or "Timed out" in str(e)     # gloo's timeout
+        peer = isinstance(e, dist.DistError) or any(s in str(e) for s in (
+            "Timed out", "Connection closed by peer", "Connection reset by peer"))   # gloo's
         if isinstance(e, RuntimeError) and not peer:
             raise                                       # a bug: keep its traceback
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, OSError) or peer:
-            print(f"train.py: error: {e}" + (" (a peer did not answer within --ddp-timeout: "
-                  "frozen or dead; the last checkpoint stands, continue with --resume)"
+            print(f"train.py: error: {e}" + (" (a peer process died, or did not answer "
+                  "within --ddp-timeout; the last checkpoint stands, continue with --resume)"
                   if peer else ""), file=sys.stderr)
         sys.exit(1)
 

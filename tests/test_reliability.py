@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import train
 from encoder import MAEConfig, MAEResNet
-from checkpoint import read_checkpoint, read_train_state, save_checkpoint, tensor_sha256
+from checkpoint import (metadata_sha256, read_checkpoint, read_train_state, save_checkpoint,
+                        tensor_sha256)
 from test_train_mae import write_standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +97,8 @@ def test_kills_and_full_disk_at_every_moment_of_the_saves_resume_bitwise(tmp_pat
 
 def test_flipped_bit_and_nan_are_named_not_loaded(run2, tmp_path, capsys):
     """A flipped bit in a tensor's bytes fails its recorded sha256, and a NaN (in a file whose
-    digests were recomputed, as a writer without the check would leave it) is refused: both
-    name the tensor, for --resume as for sampling."""
+    digests, the metadata's included, were recomputed, as a writer without the check would
+    leave it) is refused: both name the tensor, for --resume as for sampling."""
     bad = tmp_path / "bad"
     shutil.copytree(run2, bad)
     path = bad / "model.safetensors"
@@ -115,7 +116,8 @@ def test_flipped_bit_and_nan_are_named_not_loaded(run2, tmp_path, capsys):
     t[name][0, 0] = float("nan")
     sums = json.loads(meta["sha256"])
     sums[name] = tensor_sha256(t[name])
-    save_file(t, str(path), dict(meta, sha256=json.dumps(sums)))
+    forged = dict(meta, sha256=json.dumps(sums))
+    save_file(t, str(path), dict(forged, meta_sha256=metadata_sha256(forged)))
     with pytest.raises(ValueError, match=f"tensor '{name}' holds NaN"):
         read_checkpoint(str(bad), "gen")                # the EMA: what sample.py loads
     refused(capsys, lambda: train.main(["--resume", "--out", str(bad), "--steps", "3"]),
@@ -195,26 +197,32 @@ def test_6_no_false_success(files, run2, tmp_path, capsys):
     assert not out.exists() and "wrote" not in capsys.readouterr().out
 
 
-def test_7_a_frozen_ddp_peer_ends_the_job_with_a_message(files, tmp_path):
-    """Two gloo ranks; rank 1 is frozen (SIGSTOP) mid-run: rank 0 gives up after
-    --ddp-timeout (0.1 min) with a message and exit 1, instead of hanging forever."""
+def two_ranks_under_way(files, out, *extra):
+    """Two gloo ranks of a long train.py run (plain python with torchrun's variables), started
+    and training (two log lines written) -> their Popen objects, stderr piped."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "run"
     cmd = [sys.executable, "train.py", *gen_args(files, out, "--steps", 100000, "--ckpt-every",
-                                                 100000, "--ddp-timeout", 0.1)]
+                                                 100000, *extra)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
                                                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                                   MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
              for r in (0, 1)]
+    log = out / "log.txt"
+    for _ in range(600):                                # wait for training to be under way
+        if log.exists() and log.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    return procs
+
+
+def test_7_a_frozen_ddp_peer_ends_the_job_with_a_message(files, tmp_path):
+    """Two gloo ranks; rank 1 is frozen (SIGSTOP) mid-run: rank 0 gives up after
+    --ddp-timeout (0.1 min) with a message and exit 1, instead of hanging forever."""
+    procs = two_ranks_under_way(files, tmp_path / "run", "--ddp-timeout", 0.1)
     try:
-        log = out / "log.txt"
-        for _ in range(600):                            # wait for training to be under way
-            if log.exists() and log.read_text().count("\n") >= 2:
-                break
-            time.sleep(0.1)
         procs[1].send_signal(signal.SIGSTOP)
         t0 = time.time()
         err = procs[0].communicate(timeout=120)[1]

@@ -6,7 +6,6 @@ zero-initialised output layer makes every sample exactly 0 at init, so the final
 perturbed before saving (raw and EMA differently) to make images differ.
 """
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -96,9 +95,8 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     save_checkpoint(model, tmp_path / "mae.safetensors", kind="mae")
     with pytest.raises(ValueError, match="kind='mae', expected 'gen'"):
         load_generator(str(tmp_path / "mae.safetensors"), "cpu")
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    other = {**DriftDiT_models["S2"], "depth": 1}
-    save_file(sd, tmp_path / "arch.safetensors", {"kind": "gen", "config": json.dumps(other)})
+    other = {**DriftDiT_models["S2"], "depth": 1}     # checksummed, but not its weights' config
+    save_checkpoint(model, tmp_path / "arch.safetensors", config=other)
     with pytest.raises(ValueError, match="not a DriftDiT generator checkpoint"):
         load_generator(str(tmp_path / "arch.safetensors"), "cpu")
     save_checkpoint(tiny("S2"), tmp_path / "latent.safetensors")

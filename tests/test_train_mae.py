@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import config
 import data
@@ -23,7 +23,7 @@ import toy as toy_module
 import train
 from data import MNIST5K_INSTALL, TensorSampler, mnist5k, split_per_class
 from encoder import MAE_models, MAEConfig, MAEResNet
-from checkpoint import read_train_state
+from checkpoint import read_train_state, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,8 +249,8 @@ def test_resume_refuses_another_checkpoint(run6, standin, tmp_path, monkeypatch,
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
     after = tensors(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"),
-              {"kind": "mlp", "config": "{}", "args": "{}"})
+    from models import MLP
+    save_checkpoint(MLP(), str(run / "model.safetensors"), kind="mlp", config={}, args="{}")
     with pytest.raises(ValueError, match="kind"):
         train.main(mae_args(standin, run, "--steps", 8, "--resume"))
 
