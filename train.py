@@ -337,8 +337,8 @@ def main(argv=None):
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --
-    sums, n, t0 = ({k: v.to(device) for k, v in pending["sums"].items()}, pending["n"],
-                   time.time()) if pending else ({}, 0, time.time())     # a stop's partial row
+    sums = {k: v.to(device) for k, v in pending["sums"].items()} if pending else {}
+    n, t0 = pending["n"] if pending else 0, time.time()         # a stop's partial log row
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.stage,
                disable=not master, mininterval=1.0)
     for step in bar:
@@ -359,10 +359,11 @@ def main(argv=None):
         if master and args.stage == "gen":
             pictures(args, out, ema, s, done, device)           # the grid, EMA snapshots
         stopping = stop_requested(ddp, device)      # SIGINT / SIGTERM: save, then exit
-        save_now = stopping or done % args.ckpt_every == 0 or done == args.steps
+        scheduled = done % args.ckpt_every == 0 or done == args.steps    # a save in any run
+        save_now = stopping or scheduled
         eval_now = args.stage == "gen" and args.eval_every > 0 and (
             done % args.eval_every == 0 or done == args.steps)
-        row = done % args.log_every == 0 or eval_now or save_now and not stopping  # any run's
+        row = done % args.log_every == 0 or eval_now or scheduled         # a row in any run
         if not (row or stopping):
             continue
         avg = torch.stack(list(sums.values())) / n                  # one all_reduce per line
