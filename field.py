@@ -4,10 +4,9 @@ The drifting field V and the drift loss: pure tensor functions, float32, no stat
 Paper: Generative Modeling via Drifting, Deng, Li, Li, Du, He, arXiv:2602.04770 (equation
 numbers refer to v2). Official code: github.com/lambertae/drifting @ accd0cf, drift_loss.py.
 
-- `drift_field(x, y_pos, y_neg, tau)`: the kernel mean-shift field of Sec. 3 / Alg. 2, as
-  in the official toy notebook. For teaching and the 2-D toy (toy.py).
-- `drift_loss(gen, pos, neg, ...)`: the official ImageNet loss, drift_loss.py line for line
-  (App. A.6-A.7), run over chunks of rows so that paper-size groups fit.
+- `drift_field(x, y_pos, y_neg, tau)`: the kernel mean-shift field of Sec. 3 / Alg. 2, as the
+  official toy notebook. `drift_loss(gen, pos, neg, ...)`: the official ImageNet loss,
+  drift_loss.py line for line (App. A.6-A.7), over chunks of rows so paper-size groups fit.
 
 The idea in one line (Eq. 6): move each generated sample x toward x + V(x), where
 V = V+ - V- pulls toward data and pushes away from the other generated samples; train with
@@ -23,7 +22,7 @@ import torch
 # Shapes: B rows (one per class group x feature location); C_g generated, C_n unconditional
 #         negatives, C_p positives per row; M = C_g + C_n + C_p targets; S feature dim;
 #         T temperatures. drift_field: N generated, P positive, Q negative points of dim D.
-# Names follow the official drift_loss.py so the two can be read side by side.
+#         Names follow the official drift_loss.py, so the two read side by side.
 
 
 @torch.no_grad()
@@ -88,7 +87,7 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None,
 def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None,
                chunk_rows=None, memory_budget=2 ** 31, kernel="laplace", a=1.0, b=1.0,
-               sinkhorn_iters=20):
+               sinkhorn_iters=20, stats=None, chunk_bytes=None):
     """The official drift loss (drift_loss.py; App. A.6-A.7). Returns (loss (B,), info).
 
     gen (B, C_g, S) generated features (with grad); pos (B, C_p, S); neg (B, C_n, S) or None:
@@ -100,13 +99,15 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     sqrt; none for the others: on "sinkhorn" it would break the marginals); 0 disables it.
     all_reduce: optional callable that sums a tensor over ranks and returns it. `scale` and
     the per-tau force RMS are means over ALL rows, so rows split over ranks must reduce them.
-    chunk_rows: rows per chunk (default ~4 MB per (rows, T, C_g, M) tensor). memory_budget:
+    stats: the `info` of a call on ALL the step's rows (micro-batches: a no-grad call first);
+    given, this call's scale and force RMS are those, and it reduces nothing. chunk_rows:
+    rows per chunk; default: chunk_bytes per (rows, T, C_g, M) tensor (4 MB on a CPU, a
+    cache; 256 MB on a GPU, where fewer and larger kernels pay). memory_budget:
     bytes that distances and forces of all rows may keep between the passes; above it each
     chunk is recomputed per pass (same loss, bounded memory, about twice the compute). info:
     `scale`, `loss_{tau}` = mean(V_tau^2) BEFORE normalization (falls as q -> p; App. A.6)."""
     # NOTE: the official code casts to float32 too; softmax over distances breaks in bf16.
-    with torch.autocast(device_type=gen.device.type, enabled=False):
-        # 1. Defaults & casting
+    with torch.autocast(device_type=gen.device.type, enabled=False):    # 1. Defaults & casting
         B, C_g, S = gen.shape
         neg = gen[:, :0] if neg is None else neg
         C_n, C_p, T = neg.shape[1], pos.shape[1], len(taus)
@@ -117,17 +118,16 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
         gen, pos, neg = gen.float(), pos.float(), neg.float()
         old_gen = gen.detach()                                      # stop-gradient
         M, reduce = C_g + C_n + C_p, all_reduce or (lambda t: t)
-        rows = chunk_rows or max(1, 2 ** 20 // (T * C_g * M))
+        rows = chunk_rows or max(1, (chunk_bytes or (2 ** 22 if gen.device.type == "cpu" else
+                                                     2 ** 28)) // (4 * T * C_g * M))
         chunks = [slice(i, i + rows) for i in range(0, B, rows)]
         keep = 4 * B * C_g * (M + T * S) <= memory_budget          # distances + forces
-        R = torch.tensor(taus, device=gen.device)[:, None, None]    # (T, 1, 1)
 
         def cdist(x, y, eps=1e-8):                                  # (r, C_g, M), official
             sq_dist = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * x @ y.mT
             return sq_dist.clamp_min(eps).sqrt()
 
-        def targets(r):                                             # (r, M, S)
-            return torch.cat([old_gen[r], neg[r], pos[r]], dim=1)
+        targets = lambda r: torch.cat([old_gen[r], neg[r], pos[r]], dim=1)  # (r, M, S)
 
         with torch.no_grad():
             # 2. Feature normalization (Eq. 18-22): one scale per call over ALL rows, so the
@@ -135,14 +135,15 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             # are taken per row and added in float64: chunks and ranks do not change them.
             dist, acc = [None] * len(chunks), torch.zeros(3, dtype=torch.float64,
                                                           device=gen.device)
-            for i, r in enumerate(chunks):
+            for i, r in enumerate(chunks if stats is None or keep else []):
                 d = cdist(old_gen[r], targets(r))                   # (r, C_g, M)
                 w = targets_w[r]                                    # (r, M)
-                acc += torch.stack([(d * w[:, None, :]).sum((1, 2)).double().sum(),
-                                    C_g * w.sum(1).double().sum(), acc.new_tensor(len(d))])
+                acc[:2] += torch.stack([(d * w[:, None, :]).sum((1, 2)).double().sum(),
+                                        C_g * w.sum(1).double().sum()])
                 dist[i] = d if keep else None
-            acc = reduce(acc)                                       # sums over ranks
-            scale = (acc[0] / acc[1]).float()    # = weighted_dist.mean() / targets_w.mean()
+            acc[2] = B                                  # rows (a fill: no host-to-device copy)
+            acc = reduce(acc) if stats is None else acc  # sums over ranks; scale = weighted
+            scale = (acc[0] / acc[1]).float() if stats is None else stats["scale"]  # dist mean
             scale_inputs = (scale / math.sqrt(S)).clamp_min(1e-3)   # coordinates ~ 1
 
             def forces(i, r):                  # the official force loop, all taus at once
@@ -150,10 +151,10 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                 d = dist[i] if keep else cdist(old_gen[r], y)       # (r, C_g, M)
                 dist_normed = d / scale.clamp_min(1e-3)
                 dist_normed[:, :, :C_g].diagonal(dim1=1, dim2=2).add_(100.0)    # self-mask
-                if kernel == "laplace":
-                    logits = -dist_normed[:, None] / R              # (r, T, C_g, M)
+                if kernel == "laplace":                             # (r, T, C_g, M)
+                    logits = torch.stack([-dist_normed / R for R in taus], dim=1)
                 elif kernel == "gaussian":
-                    logits = -dist_normed[:, None].square() / (2 * R ** 2)  # (r, T, C_g, M)
+                    logits = torch.stack([-dist_normed.square() / (2 * R ** 2) for R in taus], 1)
                 else:
                     raise ValueError(f"kernel={kernel!r}: expected laplace or gaussian")
                 if kernel_norm == "both":
@@ -187,11 +188,12 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
 
             # 3. Drift normalization (Eq. 23-25): the RMS of each tau's field over ALL rows.
             V2, kept = torch.zeros(T, dtype=torch.float64, device=gen.device), [None] * len(chunks)
-            for i, r in enumerate(chunks):
+            for i, r in enumerate(chunks if stats is None else []):
                 V = forces(i, r)                                    # (r, T, C_g, S)
                 V2 += V.square().sum((2, 3)).double().sum(0)        # (T,)
                 kept[i], dist[i] = (V if keep else None), None
-            V2 = (reduce(V2) / (acc[2] * C_g * S)).float()          # (T,) mean(V_tau^2)
+            V2 = ((reduce(V2) / (acc[2] * C_g * S)).float() if stats is None else     # (T,)
+                  torch.stack([stats[f"loss_{tau}"] for tau in taus]))   # mean(V_tau^2)
             force_scale = V2.clamp_min(1e-8).sqrt()[:, None, None]  # (T, 1, 1)
             info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
 
@@ -199,7 +201,7 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
         loss = []
         for i, (r, x) in enumerate(zip(chunks, gen.split(rows))):   # split: one backward node
             with torch.no_grad():
-                V = kept[i] if keep else forces(i, r)               # (r, T, C_g, S)
+                V = kept[i] if kept[i] is not None else forces(i, r)  # (r, T, C_g, S)
                 kept[i] = None
                 goal_scaled = old_gen[r] / scale_inputs + (V / force_scale).sum(1)
             loss.append(((x / scale_inputs - goal_scaled) ** 2).mean((-1, -2)))  # (r,)
@@ -208,8 +210,7 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    y = torch.randn(512, 2) * 0.3 + torch.tensor([1.0, 0.0])        # data p
-    x = torch.randn(512, 2) * 0.3 - torch.tensor([1.0, 0.0])        # generated q
+    y, x = torch.randn(2, 512, 2) * 0.3 + torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]])  # p, q
     V = drift_field(x, y, x, tau=0.2)
     print(f"drift_field: mean V = {V.mean(0).tolist()} (points right, toward p)")
     print(f"p = q: |V| = {drift_field(y, y, y.clone(), mask_self=False).abs().max():.2e}")

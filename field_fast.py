@@ -87,12 +87,12 @@ class FixedPointLoss(torch.autograd.Function):
 def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                taus=(0.02, 0.05, 0.2), kernel_norm="both", floor=1e-6, all_reduce=None,
                chunk_rows=None, memory_budget=2 ** 31, kernel="laplace", a=1.0, b=1.0,
-               sinkhorn_iters=20):
+               sinkhorn_iters=20, stats=None, chunk_bytes=None):
     """field.drift_loss, faster: the same arguments, loss (B,) and info."""
     if kernel_norm != "both" or kernel != "laplace":
         return field.drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, taus, kernel_norm, floor,
                                 all_reduce, chunk_rows, memory_budget, kernel, a, b,
-                                sinkhorn_iters)
+                                sinkhorn_iters, stats, chunk_bytes)
     with torch.autocast(device_type=gen.device.type, enabled=False):
         B, C_g, S = gen.shape
         x, pos = gen.detach().float(), pos.float()
@@ -105,7 +105,8 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             w = torch.cat([ones(x) if w_gen is None else w_gen.float(),
                            ones(neg) if w_neg is None else w_neg.float(),
                            ones(pos) if w_pos is None else w_pos.float()], dim=1)  # (B, M)
-        rows = chunk_rows or max(1, 2 ** 20 // (T * C_g * M))
+        chunk_bytes = chunk_bytes or (2 ** 22 if x.device.type == "cpu" else 2 ** 28)
+        rows = chunk_rows or max(1, chunk_bytes // (4 * T * C_g * M))
         chunks = [slice(i, i + rows) for i in range(0, B, rows)]
         keep = 4 * B * C_g * (M + T * S) <= memory_budget
         y_of = lambda r: torch.cat([x[r], neg[r], pos[r]], dim=1)   # (r, M, S)
@@ -117,18 +118,19 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
 
         with torch.no_grad():
             acc, kept = torch.zeros(3, dtype=torch.float64, device=x.device), []
-            for r in chunks:                                         # pass 1: the scale
+            for r in chunks if stats is None or keep else []:        # pass 1: the scale
                 d, y = cdist(r)
                 wd = d.sum(1) if w is None else d.sum(1) * w[r]      # (r, M)
                 wsum = d.new_full((len(d),), M) if w is None else w[r].sum(1)
-                acc += torch.stack([wd.sum(1).double().sum(), C_g * wsum.double().sum(),
-                                    acc.new_tensor(len(d))])
+                acc[:2] += torch.stack([wd.sum(1).double().sum(), C_g * wsum.double().sum()])
                 kept.append((d, y) if keep else None)
-            acc = reduce(acc)
-            scale = (acc[0] / acc[1]).float()
+            acc[2] = B                                               # a fill, no host copy
+            kept += [None] * (len(chunks) - len(kept))
+            acc = reduce(acc) if stats is None else acc
+            scale = (acc[0] / acc[1]).float() if stats is None else stats["scale"]
             s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
             d_unit = scale.clamp_min(1e-3)
-            h = -0.5 * LOG2E / (x.new_tensor(taus)[:, None, None] * d_unit)     # (T, 1, 1)
+            h = torch.stack([-0.5 * LOG2E / (tau * d_unit) for tau in taus])[:, None, None]
 
             def forces_of(i, r):                                     # (r, T, C_g, S) / s_in
                 d, y = kept[i] if keep else cdist(r)
@@ -137,16 +139,17 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                               x[r], a, b)
 
             V2 = torch.zeros(T, dtype=torch.float64, device=x.device)
-            for i, r in enumerate(chunks):                           # pass 2: per-tau RMS
+            for i, r in enumerate(chunks if stats is None else []):  # pass 2: per-tau RMS
                 V = forces_of(i, r)
                 V2 += V.square().sum((2, 3)).double().sum(0)
                 kept[i] = V if keep else None
-            V2 = (reduce(V2) / (acc[2] * C_g * S)).float()
+            V2 = ((reduce(V2) / (acc[2] * C_g * S)).float() if stats is None else
+                  torch.stack([stats[f"loss_{tau}"] for tau in taus]))
             info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
             inv = V2.clamp_min(1e-8).rsqrt()
             goal = x / s_in                                          # (B, C_g, S)
             for i, r in enumerate(chunks):                           # pass 3: the goal
-                V = kept[i] if keep else forces_of(i, r)
+                V = kept[i] if stats is None and keep else forces_of(i, r)
                 kept[i] = None
                 for t in range(T):
                     goal[r].addcmul_(V[:, t], inv[t])

@@ -268,6 +268,35 @@ def test_chunked_equals_whole(chunk_rows, budget):
         assert rel_err(part[1][k].reshape(1), whole[1][k].reshape(1)) < 1e-6
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("budget", [2 ** 40, 0])
+def test_given_stats_make_micro_batches_one_step(fast, budget):
+    """Micro-batches (train.py --micro-groups): the stats (info) of a no-grad call on ALL rows,
+    given to a call per part of the rows, make the parts' losses and gradients those of the
+    whole call (1e-6 relative), with kept and with recomputed chunks; each part's info is the
+    whole step's. Without them each part normalizes by its own statistics: another loss."""
+    import field_fast
+    loss_fn = field_fast.drift_loss if fast else drift_loss
+    g = torch.Generator().manual_seed(13)
+    gen, pos, neg = (torch.randn(8, n, 16, generator=g) for n in (12, 10, 4))
+    w_neg = torch.rand(8, 4, generator=g) * 2
+    x = gen.clone().requires_grad_(True)
+    whole, whole_info = loss_fn(x, pos, neg, w_neg=w_neg, memory_budget=budget)
+    whole.sum().backward()
+    with torch.no_grad():
+        _, stats = loss_fn(gen, pos, neg, w_neg=w_neg)
+    y = gen.clone().requires_grad_(True)
+    parts = [loss_fn(y[r], pos[r], neg[r], w_neg=w_neg[r], stats=stats, memory_budget=budget)
+             for r in (slice(0, 3), slice(3, 4), slice(4, 8))]
+    torch.cat([p[0] for p in parts]).sum().backward()
+    assert rel_err(torch.cat([p[0] for p in parts]).detach(), whole.detach()) < 1e-6
+    assert rel_err(y.grad, x.grad) < 1e-6
+    for k in whole_info:
+        assert rel_err(parts[1][1][k].reshape(1), whole_info[k].reshape(1)) < 1e-6
+    alone, _ = loss_fn(gen[:3], pos[:3], neg[:3], w_neg=w_neg[:3])
+    assert rel_err(alone, whole[:3].detach()) > 1e-3
+
+
 def test_drift_field_keeps_self_mask_and_dtype_for_float64():
     """A float64 x passed as its own negatives keeps the self-mask (the check `y_neg is x`
     comes before any cast) and comes back float64, equal to the float32 field."""
