@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import center_crop_arr, image_folder, load_rgb, to_tensor
+from data import ImageFolder, center_crop_arr, image_folder, load_rgb, mnist5k, to_tensor
 from encoder import ACTIVATION_KWARGS, feature_groups
 from vae import VAE_SCALE, load_vae
 
@@ -239,6 +239,20 @@ def main(argv=None):
               f"{info['num_shards']} shards, {disk / 1e9:.3f} GB")
     if ddp:
         dist.destroy_process_group()
+
+
+def open_data(data, path, image_size=256, augment=False):
+    """train.py's --data: MNIST-5k in memory ("mnist5k"), the latent cache memory-mapped
+    ("latents"), or an image folder decoded per draw ("images") -> (images, labels (N,), the
+    shape of one sample)."""
+    if data == "mnist5k":
+        images, labels = mnist5k(path)
+    else:
+        images = (LatentCache(path) if data == "latents" else
+                  ImageFolder(path, image_size, augment=augment))
+        labels = images.labels
+    shape = tuple(images.shape[1:]) if isinstance(images, torch.Tensor) else images.shape
+    return images, labels, shape
 
 
 @torch.no_grad()

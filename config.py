@@ -74,7 +74,7 @@ DATA = ["mnist5k", "latents", "images"]
 # where it runs); any other change needs --change-args, as the run would stop being the same.
 FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
         "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every",
-        "cache_features"}
+        "cache_features", "micro_groups", "grad_checkpoint"}
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
             "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
 NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
@@ -139,7 +139,20 @@ def make_parser(recipe, description=None):
     g("--cls-lambda", type=float, default=0.1, help="final lambda of lam*CE + (1-lam)*L_rec")
     g("--holdout", type=int, default=50, help="samples per class held out for the evaluation "
       "(mae: the final one; gen: FD_MAE with --eval-every)")
-    g = p.add_argument_group("--stage gen (Alg. 1, App. A.6-A.9)").add_argument
+    gen_flags(p.add_argument_group("--stage gen (Alg. 1, App. A.6-A.9)").add_argument)
+    p.set_defaults(**recipe)
+    return p
+
+
+def micro_groups(text):
+    """--micro-groups: a positive number, or auto."""
+    if text == "auto" or text.isdigit() and int(text) > 0:
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+
+
+def gen_flags(g):
+    """The generator's flags (make_parser's --stage gen group)."""
     g("--n-classes-per-step", type=int, help="N_c groups per step, all ranks (official "
       "train_batch_size)")
     g("--gen-per-label", type=int, help="N_neg generated samples per group (one alpha each)")
@@ -173,8 +186,13 @@ def make_parser(recipe, description=None):
     g("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps in "
       "snapshots/ (fid.py steps: FID vs step); 0 = off (small models only)")
     g("--sample-alpha", type=float, default=1.0, help="alpha of the grid")
-    p.set_defaults(**recipe)
-    return p
+    g("--micro-groups", type=micro_groups, help="class groups per forward/backward pass on "
+      "each rank, gradients accumulated; the drift loss's statistics stay the whole step's "
+      "(a no-grad pass first). Default: all of the rank's groups in one pass; auto: the most "
+      "that the memory plan fits on this GPU")
+    g("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+      help="recompute each DiT block in the backward: activations of a block's input only, "
+      "for about 1/3 more generator compute (official use_remat)")
 
 
 def given(argv, flag, default):

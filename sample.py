@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import read_checkpoint, write_atomic
+from checkpoint import read_checkpoint, save_checkpoint, write_atomic
+from encoder import mae_picture
+from metrics import mae_heldout
 from models import DriftDiT
 from vae import load_vae
 
@@ -125,6 +127,61 @@ def save_curves(path, series, title="", ylabel="", logy=True):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# train.py's pictures: the grid and EMA snapshots during a run, the curves at its end
+# ------------------------------------------------------------------------------------------
+def pictures(args, out, ema, s, done, device):
+    """Rank 0, --stage gen: the EMA's sample grid (a row per class, fixed seeds) every
+    --sample-every steps and at the end; its weights in snapshots/ every --snapshot-every."""
+    if s.cfg.out_channels in (1, 3) and (
+            done == args.steps or args.sample_every > 0 and done % args.sample_every == 0):
+        lab = s.sampler.classes[:10].repeat_interleave(10)
+        x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
+        save_grid(decode(x), len(lab) // 10, os.path.join(out, "samples.png"), scale=2)
+    if args.snapshot_every and done % args.snapshot_every == 0:      # EMA only: fid.py steps
+        save_checkpoint(ema, os.path.join(out, "snapshots", f"ema_{done:07d}"
+                                          ".safetensors"), step=done)
+
+
+def finish_gen(args, out, history):
+    """The V^2 curves per tau (loss.png) and, with --eval-every, FD_MAE and FD_pix (fd_mae.png)."""
+    steps_logged = [h["step"] for h in history]
+    save_curves(os.path.join(out, "loss.png"), {f"tau {t}": (steps_logged, [
+        h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
+        f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
+    fd = [h for h in history if "fd_mae" in h]
+    if fd:                          # the metrics that move while V^2 stays flat
+        save_curves(os.path.join(out, "fd_mae.png"), {
+            "FD_MAE (MAE layer-4 means, 256-d)": ([h["step"] for h in fd],
+                                                 [h["fd_mae"] for h in fd]),
+            "FD_pix / 100 (pooled pixels)": ([h["step"] for h in fd],
+                                             [h["fd_pix"] / 100 for h in fd])},
+            title=f"{args.model} on {args.data}: {args.eval_n}/class EMA vs "
+            f"{args.holdout}/class held out", ylabel="Frechet distance")
+
+
+def finish_mae(args, out, raw, ema, s, history, device):
+    """The held-out evaluation (metrics.mae_heldout) in log.txt; the loss curve beside it, and
+    one held-out item per class masked, reconstructed and as it was (mae.png)."""
+    summary, x_held = mae_heldout(raw, ema, s.images, s.train_idx, s.held_idx, device)
+    summary = dict(step=args.steps, **summary)
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        print(json.dumps(summary), file=f)
+    ema_l2, baseline = summary["ema_masked_l2"], summary["mean_image_masked_l2"]
+    print(f"held-out masked L2 (per masked location): EMA {ema_l2:.4f} | raw "
+          f"{summary['raw_masked_l2']:.4f} | mean-image baseline {baseline:.4f}")
+    steps_logged = [h["step"] for h in history]
+    save_curves(os.path.join(out, "mae_loss.png"), {
+        "train loss (masked L2)": (steps_logged, [h["loss"] for h in history]),
+        f"held-out EMA {ema_l2:.3f}": (steps_logged, [ema_l2] * len(history)),
+        f"mean-image baseline {baseline:.3f}": (steps_logged, [baseline] * len(history))},
+        title=f"MAE {args.mae_model} on {args.data}", ylabel="masked L2")
+    if s.cfg.in_channels in (1, 3):
+        save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
+                  os.path.join(out, "mae.png"), scale=3)
+    return summary
 
 
 def parse_args(argv=None):

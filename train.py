@@ -20,6 +20,7 @@ when the updated weights give a finite loss. --resume verifies it and takes the 
 flags. Ctrl-C / SIGTERM: the step ends, a checkpoint is written, exit 130 / 143 (twice: at once).
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2). Equation numbers refer to v2.
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -38,59 +39,113 @@ from tqdm import tqdm
 
 import field
 import field_fast
-from cache import LatentCache, embed_all
+from cache import embed_all, open_data
 from checkpoint import (claim_run_folder, file_sha256, prepare_run_folder, read_checkpoint,
-                        replace_run, resume_run, save_checkpoint, save_training, stopped,
-                        weights_sha256)
+                        replace_run, resume_run, save_training, stopped, weights_sha256)
 from config import PRESET, check_data, cls_lambda, draw_numbers, lr_at, parse_args
 from convnext import convnext_from_hf, pixel_feature_groups
-from data import ImageFolder, TensorSampler, draw_groups, mnist5k, split_per_class, subset
+from data import TensorSampler, draw_groups, split_per_class, subset
 from encoder import (ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, feature_groups,
-                     mae_from_state, mae_picture)
-from metrics import held_out, mae_heldout, progress, write_log
+                     mae_from_state)
+from metrics import held_out, progress, write_log
 from models import DriftDiT, DriftDiT_models, DriftDiTConfig, update_ema
-from sample import decode, generate, save_curves, save_grid
+from sample import finish_gen, finish_mae, generate, pictures
 
 
-# --- The generator's loss (Alg. 1) ---
+# --- The generator's loss (Alg. 1), and a step of it in micro-batches ---
+def features(phi, x):
+    """Feature groups name -> (B, T, D) of x: the MAE's (App. A.5); for the pixel models phi
+    is a function (MAE + ConvNeXt)."""
+    return feature_groups(phi, x, **ACTIVATION_KWARGS) if isinstance(phi, MAEResNet) else phi(x)
+
+
 def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
                    taus=(0.2, 0.05, 0.02), all_reduce=None, drift_loss=field.drift_loss,
-                   cached=None, **field_kw):
+                   cached=None, stats=None, **field_kw):
     """The official train_step's loss_fn for n groups (as data.draw_groups gives them): x =
     f(noise | label, alpha) embedded by phi WITH gradient, the real samples without; feature
     group (B, T, D) -> n * T drift-loss rows, one per (class group, token). Returns (sum over
-    groups of the mean row loss, {group: loss}, {tau: mean V_tau^2 over groups}, App. A.6).
+    groups of the mean row loss, {group: loss}, {group: drift_loss's info}, App. A.6).
     drift_loss: field.drift_loss (the reference) or field_fast.drift_loss (same numbers);
     field_kw: its ablation options (kernel, kernel_norm, a, b...; field.drift_loss only).
     cached: {name: (N, T, D)} the real samples' features, precomputed (embed_all); then pos
-    and unc are item indices (n, N_pos), (n, N_unc) into it instead of images."""
+    and unc are item indices (n, N_pos), (n, N_unc) into it instead of images. stats: {group:
+    info} of the whole step (micro-batches: generator_step), used instead of these rows'."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
-    embed = (lambda x: feature_groups(phi, x, **ACTIVATION_KWARGS)) if isinstance(
-        phi, MAEResNet) else phi                                # pixel models: MAE + ConvNeXt
     # App. A.7: unconditional negatives weighted w = (alpha - 1)(N_neg - 1) / N_unc (-1: self-mask)
     w_unc = (alpha.float() - 1) * (N_neg - 1) / max(1, N_unc)                      # (n,)
     real = torch.cat([pos, unc], 1).flatten(0, 1)       # (n (N_pos+N_unc), C, H, W) or items
     with torch.no_grad():   # phi is frozen: a real sample's features are the same every step
-        real = embed(real) if cached is None else {k: v[real] for k, v in cached.items()}
+        real = features(phi, real) if cached is None else {k: v[real] for k, v in cached.items()}
     x = net(noise, labels.repeat_interleave(N_neg), alpha.repeat_interleave(N_neg),
             style_idx=style_idx)                                # (n * N_neg, C, H, W)
-    gen = embed(x)                                              # name -> (n * N_neg, T, D)
+    gen = features(phi, x)                                      # name -> (n * N_neg, T, D)
     # (n * m, T, D) -> (n * T, m, D): a row is one (class group, token), official '(b f) x d'
     rows = lambda f, m: f.unflatten(0, (n, m)).transpose(1, 2).flatten(0, 1)
-    loss, per_group, V2 = 0.0, {}, dict.fromkeys(taus, 0.0)
+    loss, per_group, infos = 0.0, {}, {}
     for name, f in gen.items():
         T = f.shape[1]
         y = rows(real[name], N_pos + N_unc)                     # (n * T, N_pos + N_unc, D)
         w = w_unc.repeat_interleave(T)[:, None].expand(-1, N_unc)                  # (n * T, N_unc)
-        row_loss, info = drift_loss(rows(f, N_neg), y[:, :N_pos], y[:, N_pos:], w_neg=w,
-                                    taus=taus, all_reduce=all_reduce, **field_kw)   # (n * T,)
+        row_loss, infos[name] = drift_loss(rows(f, N_neg), y[:, :N_pos], y[:, N_pos:], w_neg=w,
+                                           taus=taus, all_reduce=all_reduce, stats=None if
+                                           stats is None else stats[name], **field_kw)  # (n * T,)
         per_group[name] = row_loss.mean()
         loss = loss + per_group[name]
-        for tau in taus:
-            V2[tau] = V2[tau] + info[f"loss_{tau}"] / len(gen)
-    return loss, per_group, V2
+    return loss, per_group, infos
 
+
+def in_parts(fn, size):
+    """fn over its inputs `size` items at a time (dim 0), the outputs (tensors, or dicts of
+    them) concatenated: the no-grad statistics pass of generator_step."""
+    def run(*args, **kw):
+        outs = [fn(*(a[i:i + size] for a in args), **{k: v if v is None else v[i:i + size]
+                                                       for k, v in kw.items()})
+                for i in range(0, len(args[0]), size)]
+        return ({k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+                if isinstance(outs[0], dict) else torch.cat(outs))
+    return run
+
+
+def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
+                   amp=contextlib.nullcontext(), **loss_kw):
+    """One step's loss (and, with backward, its gradients) on this rank's n class groups,
+    `micro` groups per forward/backward pass (--micro-groups), gradients accumulated (DDP
+    synchronizes on the last pass only). The drift loss's two global statistics (the feature
+    scale, each tau's force RMS) stay those of the whole step: with several passes a no-grad
+    pass over all of them computes them first (all-reduced there: the generator's forward
+    once more), the real samples' features kept for the gradient passes. amp: the autocast
+    context of the forward passes (backward runs outside it). -> (loss, {tau:
+    mean V_tau^2 over feature groups}), the same step, to float32 rounding, for any micro."""
+    labels, alpha, pos, unc, noise, style = batch
+    n, N_neg = len(labels), len(noise) // len(labels)
+    parts, stats = [slice(i, i + micro) for i in range(0, n, micro)], None
+    if len(parts) > 1:
+        with torch.no_grad(), amp:
+            embed = in_parts(lambda x: features(phi, x), micro * N_neg)
+            if cached is None:          # the reals' features, as indices into them from now on
+                cached = embed(torch.cat([pos, unc], 1).flatten(0, 1))
+                pos, unc = torch.arange(n * (pos.shape[1] + unc.shape[1]), device=noise.device
+                                        ).view(n, -1).split([pos.shape[1], unc.shape[1]], 1)
+            stats = generator_loss(in_parts(raw, micro * N_neg), embed, labels, alpha, pos, unc,
+                                   noise, style, cached=cached, **loss_kw)[2]
+    total = 0.0
+    for i, r in enumerate(parts):
+        gen_r = slice(r.start * N_neg, r.stop * N_neg)
+        sync = i == len(parts) - 1 or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with amp:
+                loss, _, infos = generator_loss(net, phi, labels[r], alpha[r], pos[r], unc[r],
+                                                noise[gen_r], style[gen_r], cached=cached,
+                                                stats=stats, **loss_kw)
+            loss = loss * (len(labels[r]) / n)      # each group's row mean over the whole step
+            if backward:
+                loss.backward()
+        total = total + loss.detach()
+    taus = loss_kw.get("taus", (0.2, 0.05, 0.02))
+    return total, {tau: sum(info[f"loss_{tau}"] for info in infos.values()) / len(infos)
+                   for tau in taus}
 
 
 # --- Setup: DDP, data, the model to train and its inputs ---
@@ -111,19 +166,6 @@ def setup_ddp(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=args.ddp_timeout))
     return ddp, rank, world, device
-
-
-def load_data(args):
-    """MNIST-5k in memory; the latent cache memory-mapped; images decoded per draw ->
-    (images, labels (N,), the shape of one sample)."""
-    if args.data == "mnist5k":
-        images, labels = mnist5k(args.data_path)
-    else:
-        images = (LatentCache(args.data_path) if args.data == "latents" else
-                  ImageFolder(args.data_path, args.image_size, augment=args.augment))
-        labels = images.labels
-    shape = tuple(images.shape[1:]) if isinstance(images, torch.Tensor) else images.shape
-    return images, labels, shape
 
 
 def setup_mae(args, images, labels, shape, world, rank, device):
@@ -175,7 +217,8 @@ def setup_gen(args, images, labels, shape, world, rank, device):
     """--stage gen: the DriftDiT to train, its frozen encoder phi, the held-out reals of the
     progress metrics (--eval-every), the feature cache (--cache-features), the sampler, and
     this rank's class groups (each group lives whole on one rank)."""
-    cfg = DriftDiTConfig(**DriftDiT_models[PRESET.get(args.model, args.model)])
+    cfg = DriftDiTConfig(**{**DriftDiT_models[PRESET.get(args.model, args.model)],
+                            "grad_checkpoint": args.grad_checkpoint})
     check_data(args, cfg, shape, labels, world)
     phi = load_encoder(args, cfg, device)
     torch.manual_seed(args.seed)                                # the same init on every rank
@@ -197,20 +240,7 @@ def setup_gen(args, images, labels, shape, world, rank, device):
                                      else None))
 
 
-# --- Helpers of the loop: pictures, the log, the checks before a save ---
-def pictures(args, out, ema, s, done, device):
-    """Rank 0, --stage gen: the EMA's sample grid (a row per class, fixed seeds) every
-    --sample-every steps and at the end; its weights in snapshots/ every --snapshot-every."""
-    if s.cfg.out_channels in (1, 3) and (
-            done == args.steps or args.sample_every > 0 and done % args.sample_every == 0):
-        lab = s.sampler.classes[:10].repeat_interleave(10)
-        x = generate(ema, list(range(len(lab))), lab, args.sample_alpha, 1, device)
-        save_grid(decode(x), len(lab) // 10, os.path.join(out, "samples.png"), scale=2)
-    if args.snapshot_every and done % args.snapshot_every == 0:      # EMA only: fid.py steps
-        save_checkpoint(ema, os.path.join(out, "snapshots", f"ema_{done:07d}"
-                                          ".safetensors"), step=done)
-
-
+# --- Helpers of the loop: the held-out metrics, the stop flag ---
 def evaluate(args, ema, s, device):
     """--eval-every: EMA samples of fixed seeds (--eval-n per class) vs the held-out reals."""
     lab = s.sampler.classes.repeat_interleave(args.eval_n)
@@ -220,55 +250,13 @@ def evaluate(args, ema, s, device):
     return progress(s.phi, x, lab, s.real)
 
 
-def stop_requested(ddp, device):
+def stop_requested(group):
     """A SIGINT / SIGTERM seen by cli's handler (STOP), on any rank: all ranks stop after the
-    same step (a 1-number all_reduce)."""
-    stopping = bool(STOP)
-    if ddp:
-        flag = torch.tensor([float(stopping)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = flag.item() > 0
-    return stopping
-
-
-# --- The end of a run: curves, pictures, the MAE's held-out evaluation (rank 0) ---
-def finish_gen(args, out, history):
-    """The V^2 curves per tau (loss.png) and, with --eval-every, FD_MAE and FD_pix (fd_mae.png)."""
-    steps_logged = [h["step"] for h in history]
-    save_curves(os.path.join(out, "loss.png"), {f"tau {t}": (steps_logged, [
-        h[f"V2_{t}"] for h in history]) for t in args.taus}, title=f"DriftDiT {args.model}"
-        f" on {args.data}", ylabel="mean V^2 per tau (over feature groups)")
-    fd = [h for h in history if "fd_mae" in h]
-    if fd:                          # the metrics that move while V^2 stays flat
-        save_curves(os.path.join(out, "fd_mae.png"), {
-            "FD_MAE (MAE layer-4 means, 256-d)": ([h["step"] for h in fd],
-                                                 [h["fd_mae"] for h in fd]),
-            "FD_pix / 100 (pooled pixels)": ([h["step"] for h in fd],
-                                             [h["fd_pix"] / 100 for h in fd])},
-            title=f"{args.model} on {args.data}: {args.eval_n}/class EMA vs "
-            f"{args.holdout}/class held out", ylabel="Frechet distance")
-
-
-def finish_mae(args, out, raw, ema, s, history, device):
-    """The held-out evaluation (metrics.mae_heldout) in log.txt; the loss curve beside it, and
-    one held-out item per class masked, reconstructed and as it was (mae.png)."""
-    summary, x_held = mae_heldout(raw, ema, s.images, s.train_idx, s.held_idx, device)
-    summary = dict(step=args.steps, **summary)
-    with open(os.path.join(out, "log.txt"), "a") as f:
-        print(json.dumps(summary), file=f)
-    ema_l2, baseline = summary["ema_masked_l2"], summary["mean_image_masked_l2"]
-    print(f"held-out masked L2 (per masked location): EMA {ema_l2:.4f} | raw "
-          f"{summary['raw_masked_l2']:.4f} | mean-image baseline {baseline:.4f}")
-    steps_logged = [h["step"] for h in history]
-    save_curves(os.path.join(out, "mae_loss.png"), {
-        "train loss (masked L2)": (steps_logged, [h["loss"] for h in history]),
-        f"held-out EMA {ema_l2:.3f}": (steps_logged, [ema_l2] * len(history)),
-        f"mean-image baseline {baseline:.3f}": (steps_logged, [baseline] * len(history))},
-        title=f"MAE {args.mae_model} on {args.data}", ylabel="masked L2")
-    if s.cfg.in_channels in (1, 3):
-        save_grid(decode(mae_picture(ema, x_held[::args.holdout][:10])), 3,
-                  os.path.join(out, "mae.png"), scale=3)
-    return summary
+    same step (a 1-number all_reduce over `group`, a CPU (gloo) one: the GPUs never wait)."""
+    flag = torch.tensor([float(bool(STOP))])
+    if group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.item() > 0
 
 
 # --- Main: DDP, data, models, optimizer, then the loop ---
@@ -279,7 +267,10 @@ def main(argv=None):
     ddp, rank, world, device = setup_ddp(args)
     if master:
         print(json.dumps(vars(args)))
-    images, labels, shape = load_data(args)
+    stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+        minutes=args.ddp_timeout)) if ddp else None                 # the stop flag's
+    images, labels, shape = open_data(args.data, args.data_path, args.image_size,
+                                      args.augment)
     s = (setup_mae if args.stage == "mae" else setup_gen)(args, images, labels, shape, world,
                                                           rank, device)
     meta = dict(kind=args.stage, config=json.dumps(asdict(s.cfg)), args=json.dumps(vars(args)),
@@ -300,7 +291,8 @@ def main(argv=None):
     else:
         update_ema(ema, raw, 0.0)
     saved_at = start or None
-    net = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    net = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True) if ddp else raw     # grads live in the buckets
     if args.compile:                # opt-in: minutes of compiling first, then faster steps
         net = torch.compile(net)
     raw.train()                     # important: the MAE masks and the generator's dropout
@@ -312,29 +304,33 @@ def main(argv=None):
     # issue 18's ablations (field_fast has a and b; parse_args refuses the others with it)
     ablation = dict(kernel=args.kernel, kernel_norm=args.kernel_norm,
                     sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
+    n_mine = len(getattr(s, "mine", ()))        # this rank's class groups (--stage gen)
+    micro = min(n_mine, args.micro_groups) if isinstance(args.micro_groups, int) else n_mine
 
     def draw(step):                 # this rank's share of the step, on the device
         return [t.to(device) for t in (
             s.sampler.batch(args.batch // world) if args.stage == "mae" else
             draw_groups(s.sampler, s.cfg, step, s.mine, **draw_numbers(args)))]
 
-    def losses(model, batch, step):
-        """The stage's loss on one step's batch -> (loss, {name: logged value})."""
-        with amp:
-            if args.stage == "mae":     # App. A.3: masked L2 (+ lambda CE in the fine-tune)
-                lam = cls_lambda(step, args)
-                loss, out = model(*batch, lam)                  # forward = mae_loss
-                info = {"recon": out["recon_loss"]}
-                if args.cls_start >= 0:
-                    info.update(cls=out["cls_loss"], acc=out["accuracy"],
-                                lam=torch.tensor(lam, device=device))
-                return loss, info
-            # Alg. 1: the drift loss on every feature group
-            loss, _, V2 = generator_loss(model, s.phi, *batch, taus=args.taus, all_reduce=(
-                lambda t: dist.all_reduce(t) or t) if ddp else None,    # sum, in place
-                drift_loss=field_fast.drift_loss if args.fast_loss else field.drift_loss,
-                cached=s.cached, **ablation)
+    def losses(model, batch, step, backward=True):
+        """The stage's loss on one step's batch, and its gradients -> (loss, {name: value})."""
+        if args.stage == "gen":     # Alg. 1: the drift loss on every feature group
+            loss, V2 = generator_step(model, raw, s.phi, batch, micro, backward, s.cached, amp,
+                                      taus=args.taus, all_reduce=(lambda t: dist.all_reduce(
+                                          t) or t) if ddp else None,    # sum, in place
+                                      drift_loss=field_fast.drift_loss if args.fast_loss
+                                      else field.drift_loss, **ablation)
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
+        with amp:                   # App. A.3: masked L2 (+ lambda CE in the fine-tune)
+            lam = cls_lambda(step, args)
+            loss, out = model(*batch, lam)                      # forward = mae_loss
+            info = {"recon": out["recon_loss"]}
+            if args.cls_start >= 0:
+                info.update(cls=out["cls_loss"], acc=out["accuracy"],
+                            lam=torch.tensor(lam, device=device))
+        if backward:
+            loss.backward()
+        return loss, info
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --
     sums = {k: v.to(device) for k, v in pending["sums"].items()} if pending else {}
@@ -346,9 +342,8 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         batch = draw(step)
-        loss, info = losses(net, batch, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, info = losses(net, batch, step)       # forward and backward (micro-batches)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(),
                                                args.clip if args.clip > 0 else math.inf)
         opt.step()
@@ -358,7 +353,7 @@ def main(argv=None):
         n, done = n + 1, step + 1
         if master and args.stage == "gen":
             pictures(args, out, ema, s, done, device)           # the grid, EMA snapshots
-        stopping = stop_requested(ddp, device)      # SIGINT / SIGTERM: save, then exit
+        stopping = stop_requested(stop_group)       # SIGINT / SIGTERM: save, then exit
         scheduled = done % args.ckpt_every == 0 or done == args.steps    # a save in any run
         save_now = stopping or scheduled
         eval_now = args.stage == "gen" and args.eval_every > 0 and (
@@ -384,7 +379,7 @@ def main(argv=None):
         if save_now:                # only weights whose loss is finite are ever saved
             bad = save_training(os.path.join(out, "model.safetensors"), raw, ema, opt, done, meta,
                                 history, s.streams, world, device,
-                                lambda: losses(raw, batch, step)[0], None if row else dict(
+                                lambda: losses(raw, batch, step, False)[0], None if row else dict(
                                     sums=sums, n=n))
             if bad:
                 raise stopped(bad, args.out, args.lr, saved_at)

@@ -205,8 +205,9 @@ def test_resume_is_exact(files, tmp_path):
 
 def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     """torchrun, 2 CPU processes (gloo), 4 class groups per step: rank r computes groups
-    2r, 2r+1 whole, and drift_loss all-reduces its per-group statistics (feature scale,
-    per-tau force RMS) over the ranks. A plain 1-process run with the same flags computes all
+    2r, 2r+1 whole, one group per pass (--micro-groups 1: DDP syncs the gradients on the
+    second pass), and drift_loss all-reduces its per-group statistics (feature scale,
+    per-tau force RMS) over the ranks and passes. A plain 1-process run with the same flags computes all
     4 groups itself: group j's labels, alpha, data, noise and style indices come from a
     generator seeded by (seed, step, j), not by rank, so both runs see the same union of
     groups, and DDP's gradient average equals the 1-process mean over groups.
@@ -216,7 +217,8 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     early on (adaLN-zero gates) there are many. So we compare the parameter CHANGES over the 3
     steps as a whole: |a - b| / |b - start| < 2e-3 (seen 3.0e-4; without drift_loss's
     all_reduce it is 0.13). No degenerate feature groups here (the 34-channel MAE): their
-    losses are rounding noise, so their gradients would be too."""
+    losses are rounding noise, so their gradients would be too. Step 11 starts from the same
+    weights in both: its logged loss and pre-clip gradient norm agree to 1e-4."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -226,7 +228,8 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     shutil.copytree(one, ddp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={port}", "train.py",
-           *gen_args(files, ddp, "--steps", 13, "--resume", *common, mae=34)]
+           *gen_args(files, ddp, "--steps", 13, "--resume", *common, "--micro-groups", 1,
+                     mae=34)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -239,6 +242,10 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     norm = lambda f: torch.sqrt(sum(f(k).double().pow(2).sum() for k in a))
     moved, apart = norm(lambda k: b[k] - start[k]), norm(lambda k: a[k] - b[k])
     assert moved > 0.1 and apart / moved < 2e-3, (apart.item(), moved.item())
+    rows = [read_train_state(str(d))["history"][10] for d in (ddp, one)]
+    assert rows[0]["step"] == rows[1]["step"] == 11
+    for k in ("loss", "gnorm"):
+        assert abs(rows[0][k] - rows[1][k]) / rows[1][k] < 1e-4, (k, rows)
 
 
 def test_ablation_flags_train_and_need_the_reference_loss(files, tmp_path, capsys):
