@@ -240,7 +240,7 @@ def bench_train(baseline=None, repeat=15):
     """One generator step as train.py's loop runs it (draw_groups, generator_loss: DriftDiT
     forward, feature groups, drift_loss per group; backward, clip, AdamW, EMA), with each
     drift loss, in shuffled turns: a change in the load of the machine hits all alike."""
-    import train
+    from step import generator_loss
     from config import draw_numbers
     from data import draw_groups
     from models import update_ema
@@ -261,7 +261,7 @@ def bench_train(baseline=None, repeat=15):
                 return fns[k](gen, *a, **kw)
             calls.clear()
             batch = draw_groups(sampler, cfg, s, groups, **draw_numbers(args))
-            loss, _, _ = train.generator_loss(model, phi, *batch, taus=args.taus,
+            loss, _, _ = generator_loss(model, phi, *batch, taus=args.taus,
                                               drift_loss=counted)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,7 +284,7 @@ def bench_cache(repeat=9):
     """train.py --cache-features: one S4 step (fast loss) with the real samples' feature
     groups computed every step vs gathered from the cache (same numbers, tested), in
     shuffled turns, for several N_pos; a random MNIST-size MAE (speed does not depend on it)."""
-    import train
+    from step import generator_loss
     from cache import embed_all
     from config import draw_numbers
     from data import TensorSampler, draw_groups
@@ -300,7 +300,7 @@ def bench_cache(repeat=9):
         def step(cached, s):                                         # the loop's body
             batch = draw_groups(index if cached else sampler, cfg, s, range(10),
                                 **draw_numbers(a))
-            loss, _, _ = train.generator_loss(model, phi, *batch, taus=a.taus,
+            loss, _, _ = generator_loss(model, phi, *batch, taus=a.taus,
                                               drift_loss=field_fast.drift_loss,
                                               cached=cache if cached else None)
             opt.zero_grad(set_to_none=True)
@@ -393,7 +393,7 @@ def sdpa_kernels(model, cfg, device, amp, compile_check):
 def gpu_row(preset, device, steps, compile_check):
     """One preset: the paper's per-GPU share (groups / 8), halved until it fits; `steps` warm
     steps of train.py's loop body timed by phase -> the table's row."""
-    import train
+    from step import generator_loss
     from config import draw_numbers
     from data import draw_groups
     from encoder import ACTIVATION_KWARGS, feature_groups
@@ -419,7 +419,7 @@ def gpu_row(preset, device, steps, compile_check):
 
         def body():
             with amp:
-                loss = train.generator_loss(gen, phi, *batch, taus=args.taus,
+                loss = generator_loss(gen, phi, *batch, taus=args.taus,
                                             drift_loss=loss_fn)[0]
             timed("backward", loss.backward)()
             timed("optimizer", optimize)()

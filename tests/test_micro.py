@@ -3,13 +3,13 @@ accumulated over passes, the drift loss's statistics those of the whole step), a
 checkpointing, and the frozen encoder held in bf16. Tiny S4 generator and a random 34-channel
 MAE (no degenerate feature group), seconds each."""
 import json
-import os
 
 import pytest
 import torch
 
 import field
 import field_fast
+import step
 import train
 from data import TensorSampler, draw_groups
 from encoder import MAEConfig, MAEResNet
@@ -39,7 +39,7 @@ def tiny_step(grad_checkpoint=False, n=4, seed=0):
 
 def loss_and_grads(net, phi, batch, micro, drift_loss=field.drift_loss):
     net.zero_grad(set_to_none=True)
-    loss, V2 = train.generator_step(net, net, phi, batch, micro, drift_loss=drift_loss)
+    loss, V2 = step.generator_step(net, net, phi, batch, micro, drift_loss=drift_loss)
     return loss, V2, torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
@@ -60,7 +60,7 @@ def test_micro_groups_give_the_one_pass_step(drift_loss):
     net.zero_grad(set_to_none=True)
     for half in (slice(0, 2), slice(2, 4)):
         part = [t[half] for t in batch[:4]] + [t[half.start * 4:half.stop * 4] for t in batch[4:]]
-        (train.generator_loss(net, phi, *part, drift_loss=drift_loss)[0] / 2).backward()
+        (step.generator_loss(net, phi, *part, drift_loss=drift_loss)[0] / 2).backward()
     naive = torch.cat([p.grad.flatten() for p in net.parameters()])
     assert rel(naive, grad) > 1e-3
 

@@ -22,6 +22,7 @@ import config
 import convert
 import data
 import metrics
+import step
 import train
 from convert import mae_from_official
 from encoder import MAEConfig, MAEResNet
@@ -60,7 +61,7 @@ def golden_step():
     noise, style = nchw(rec["gen/noise_x"]), rec["gen/noise_labels"].long()
     with torch.no_grad():
         x = gen(noise, labels.repeat_interleave(G), alpha.repeat_interleave(G), style_idx=style)
-    loss, groups, _ = train.generator_loss(gen, phi, labels, alpha, nchw(rec["in/pos_samples"]),
+    loss, groups, _ = step.generator_loss(gen, phi, labels, alpha, nchw(rec["in/pos_samples"]),
                                            nchw(rec["in/neg_samples"]), noise, style, taus=TAUS)
     loss.backward()
     return rec, x, groups, loss, gen
