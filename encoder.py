@@ -386,7 +386,7 @@ def feature_groups(model, x, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_
     x = patchify(x, model.cfg.input_patch_size)                 # (B, C, H, W)
     # norm_x: per-channel RMS of the encoder input (the paper says "mean of squared values")
     out["norm_x"] = (x.float().pow(2).mean((2, 3)) + STD_EPS).sqrt()[:, None]   # (B, 1, C)
-    maps, blocks = model.encoder(x, train=False)
+    maps, blocks = model.encoder(x.to(next(model.parameters()).dtype), train=False)  # bf16 phi
     kw = dict(patch_mean_size=patch_mean_size, patch_std_size=patch_std_size,
               use_mean=use_mean, use_std=use_std)
     for name, f in maps.items():

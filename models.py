@@ -304,10 +304,13 @@ class DriftDiT(nn.Module):
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """DiT's EMA, by parameter name, buffers copied; decay = 0 copies the model."""
+    """DiT's EMA, by parameter name, buffers copied; decay = 0 copies the model. ema = decay
+    ema + (1 - decay) param, as one multi-tensor kernel per op (_foreach) on GPUs."""
     params = dict(model.named_parameters())
-    for name, p in ema.named_parameters():
-        p.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
+    mine = [p for _, p in ema.named_parameters()]
+    torch._foreach_mul_(mine, decay)
+    torch._foreach_add_(mine, [params[n].detach() for n, _ in ema.named_parameters()],
+                        alpha=1 - decay)
     buffers = dict(model.named_buffers())
     for name, b in ema.named_buffers():
         b.copy_(buffers[name])

@@ -97,7 +97,10 @@ def load_encoder(args, cfg, device):
                          f"`python train.py --stage mae --out {args.mae_ckpt or 'runs/mae'}` "
                          f"(MNIST, CPU: ~1 min), or convert an official MAE with convert.py")
     phi = mae_from_state(*read_checkpoint(args.mae_ckpt, "mae")[:2], encoder_only=True)
-    phi = phi.to(device).requires_grad_(False).eval()          # frozen; x still gets grads
+    # held in bf16 on CUDA under --precision bf16 (official use_bf16): half the memory, no
+    # autocast copy of every conv weight; ConvNeXt stays float32 (official convnext_bf16)
+    bf16 = device.type == "cuda" and args.precision == "bf16"
+    phi = phi.to(device, torch.bfloat16 if bf16 else None).requires_grad_(False).eval()
     if phi.cfg.in_channels != cfg.in_channels:
         raise ValueError(f"--mae-ckpt {args.mae_ckpt}: an MAE of {phi.cfg.in_channels}-"
                          f"channel inputs; --model {args.model} makes {cfg.in_channels} "
