@@ -45,6 +45,7 @@ from config import PRESET, check_data, cls_lambda, draw_numbers, lr_at, parse_ar
 from convnext import convnext_from_hf, pixel_feature_groups
 from data import TensorSampler, draw_groups, split_per_class, subset
 from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, mae_from_state
+from memory import plan
 from metrics import held_out, progress, write_log
 from models import DriftDiT, DriftDiT_models, DriftDiTConfig, update_ema
 from sample import finish_gen, finish_mae, generate, pictures
@@ -146,7 +147,22 @@ def setup_gen(args, images, labels, shape, world, rank, device):
                                      else None))
 
 
-# --- Helpers of the loop: the held-out metrics, the stop flag ---
+# --- Helpers of the loop: the passes of a step, the held-out metrics, the stop flag ---
+def plan_passes(args, s, raw, amp, batch, device, group, loss_kw):
+    """--micro-groups -> this rank's class groups per forward/backward pass (memory.plan:
+    auto probes the GPU with this step's draw); rank 0 prints the plan."""
+    def try_step(m):                # no DDP, no all-reduce: a rank out of memory stops alone
+        generator_step(raw, raw, s.phi, batch, m, True, s.cached, amp, **loss_kw)
+        raw.zero_grad(set_to_none=True)
+    micro, peak = plan(args.micro_groups, len(s.mine), device, try_step, group)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"plan per rank: {len(s.mine)} class groups, {micro} per pass x "
+              f"{-(-len(s.mine) // micro)} passes (--micro-groups {args.micro_groups}), "
+              f"activation checkpointing {'on' if args.grad_checkpoint else 'off'}; peak: " + (
+                  f"{peak / 1e9:.1f} GB probed" if peak else "the log's GB column"))
+    return micro
+
+
 def evaluate(args, ema, s, device):
     """--eval-every: EMA samples of fixed seeds (--eval-n per class) vs the held-out reals."""
     lab = s.sampler.classes.repeat_interleave(args.eval_n)
@@ -208,10 +224,9 @@ def main(argv=None):
     if master:                      # the folder is made now that every input has been checked
         prepare_run_folder(out, args.resume, start, args.snapshot_every)
     # issue 18's ablations (field_fast has a and b; parse_args refuses the others with it)
-    ablation = dict(kernel=args.kernel, kernel_norm=args.kernel_norm,
-                    sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
-    n_mine = len(getattr(s, "mine", ()))        # this rank's class groups (--stage gen)
-    micro = min(n_mine, args.micro_groups) if isinstance(args.micro_groups, int) else n_mine
+    loss_kw = dict(taus=args.taus, drift_loss=field_fast.drift_loss if args.fast_loss else
+                   field.drift_loss, kernel=args.kernel, kernel_norm=args.kernel_norm,
+                   sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
 
     def draw(step):                 # this rank's share of the step, on the device
         return [t.to(device) for t in (
@@ -222,10 +237,8 @@ def main(argv=None):
         """The stage's loss on one step's batch, and its gradients -> (loss, {name: value})."""
         if args.stage == "gen":     # Alg. 1: the drift loss on every feature group
             loss, V2 = generator_step(model, raw, s.phi, batch, micro, backward, s.cached, amp,
-                                      taus=args.taus, all_reduce=(lambda t: dist.all_reduce(
-                                          t) or t) if ddp else None,    # sum, in place
-                                      drift_loss=field_fast.drift_loss if args.fast_loss
-                                      else field.drift_loss, **ablation)
+                                      all_reduce=(lambda t: dist.all_reduce(t) or t) if ddp
+                                      else None, **loss_kw)     # all_reduce: sum, in place
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
         with amp:                   # App. A.3: masked L2 (+ lambda CE in the fine-tune)
             lam = cls_lambda(step, args)
@@ -237,6 +250,9 @@ def main(argv=None):
         if backward:
             loss.backward()
         return loss, info
+
+    micro = plan_passes(args, s, raw, amp, draw(start), device, stop_group, loss_kw) if (
+        args.stage == "gen") else None              # --micro-groups: class groups per pass
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --
     sums = {k: v.to(device) for k, v in pending["sums"].items()} if pending else {}

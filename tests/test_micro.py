@@ -127,3 +127,51 @@ def test_foreach_ema_equals_the_plain_update():
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(),
                                                  plain.state_dict().values()))
     assert not torch.equal(ema.final.linear.weight, net.final.linear.weight)
+
+
+# ------------------------------------------------------------------------------------------
+# memory.py: the plan of --micro-groups auto, the byte counter, the estimate
+# ------------------------------------------------------------------------------------------
+def test_largest_fit_by_bisection():
+    """memory.largest finds the largest N that fits for every threshold, in at most
+    ceil(log2 n) probes; 1 when nothing fits (the run then fails on its own OOM)."""
+    import memory
+    for n in (1, 2, 5, 16):
+        for k in range(0, n + 1):
+            calls = []
+            got = memory.largest(n, lambda m: calls.append(m) or m <= k)
+            assert got == max(k, 1) and len(calls) <= max(1, (n - 1).bit_length()), (n, k, calls)
+    assert memory.plan(3, 16, torch.device("cpu"), None) == (3, None)
+    assert memory.plan("auto", 16, torch.device("cpu"), None) == (16, None)   # CPU: one pass
+    assert memory.plan(None, 16, torch.device("cpu"), None) == (16, None)
+
+
+def test_peak_bytes_counts_live_storages():
+    """PeakBytes: a view or an in-place result is no new storage; a freed tensor's bytes
+    return; the peak is the most held at once."""
+    import memory
+    with memory.PeakBytes() as mem:
+        a = torch.empty(2 ** 20)                    # 4 MiB
+        b = torch.empty(2 ** 21)                    # 8 MiB
+        a.view(2, -1).add_(1)
+        del a
+        c = torch.empty(2 ** 19)                    # 2 MiB, after a is freed
+        mem.free()
+        now = mem.now
+    assert mem.peak == 12 * 2 ** 20 and now == 10 * 2 ** 20
+    del b, c
+
+
+def test_memory_estimate_counts_the_weights_and_falls_with_the_plan():
+    """memory.estimate on the S4 step: the fixed bytes are the DiT's fp32 weights, EMA and
+    AdamW's two moments (4 x 4 bytes per parameter) and the bf16 MAE (2 bytes), exactly; the
+    peak falls with fewer groups per pass (activation checkpointing's effect: docs/memory.md,
+    at paper sizes)."""
+    import memory
+    from encoder import MAE_models, MAEConfig
+    n_mae = sum(p.numel() for p in MAEResNet(MAEConfig(**MAE_models["mnist"]),
+                                             with_heads=False).parameters())
+    est = lambda **kw: memory.estimate("S4", 4, gen=32, pos=8, unc=4, mae="mnist", **kw)
+    whole, micro = est(), est(micro=1)
+    assert whole["fixed"] == 16 * whole["params"] + 2 * n_mae
+    assert micro["peak"] < 0.6 * whole["peak"]
