@@ -132,8 +132,11 @@ class LatentCache:
         flip = (torch.rand(len(idx), generator=generator) < 0.5).long().tolist()   # 0/1, not
         idx = idx.numpy()                                       # bools: numpy reads those as masks
         shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        rows = idx - self.offsets[shard]
-        out = np.stack([self.latents[s][r, f] for s, r, f in zip(shard, rows, flip)])
+        rows, flip, out = idx - self.offsets[shard], np.array(flip), np.empty((len(idx),
+                                                                             *self.shape), "f4")
+        for s in np.unique(shard):                              # one fancy read per shard
+            mine = shard == s
+            out[mine] = self.latents[s][rows[mine], flip[mine]]
         return torch.from_numpy(out)                            # (n, 4, h, w) float32
 
 

@@ -11,18 +11,15 @@ numbers refer to v2). Official code: github.com/lambertae/drifting @ accd0cf, dr
 The idea in one line (Eq. 6): move each generated sample x toward x + V(x), where
 V = V+ - V- pulls toward data and pushes away from the other generated samples; train with
 loss = ||f(eps) - stopgrad(f(eps) + V)||^2, whose value is ||V||^2.
-Each function runs when pasted alone after `import math, torch`.
-
-Demo: python field.py
+Each function runs when pasted alone after `import math, torch`.    Demo: python field.py
 """
 import math
 
 import torch
 
 # Shapes: B rows (one per class group x feature location); C_g generated, C_n unconditional
-#         negatives, C_p positives per row; M = C_g + C_n + C_p targets; S feature dim;
-#         T temperatures. drift_field: N generated, P positive, Q negative points of dim D.
-#         Names follow the official drift_loss.py, so the two read side by side.
+#   negatives, C_p positives per row; M = C_g + C_n + C_p targets; S feature dim; T temperatures.
+#   drift_field: N generated, P positive, Q negative points of dim D. Names as drift_loss.py.
 
 
 @torch.no_grad()
@@ -41,8 +38,7 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None,
     rows (each x) summing to 1 and columns (each target) to N / M, M = Q + P, columns last.
     a, b: the anti-symmetry ablation of Tab. 1 (FID: V+ - V- 8.46, 1.5V+ - V- 41.05,
     V+ - 1.5V- 46.28, 2V+ - V- 86.16, V+ - 2V- 112.84, V+ only (b = 0) 177.14).
-    Returns V (..., N, D), in float32 or the inputs' wider dtype.
-    """
+    Returns V (..., N, D), in float32 or the inputs' wider dtype."""
     mask_self = y_neg is x if mask_self is None else mask_self      # decided before any cast
     dtype = torch.promote_types(x.dtype, torch.float32)             # never below float32
     x, y_pos, y_neg = x.to(dtype), y_pos.to(dtype), y_neg.to(dtype)
@@ -70,8 +66,8 @@ def drift_field(x, y_pos, y_neg, tau=0.05, kernel_norm="both", mask_self=None,
             logits = logits - logits.logsumexp(-2, keepdim=True) + math.log(N / M)
         A = logits.exp()
     else:
-        raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none, per_set "
-                         f"or sinkhorn")
+        raise ValueError(f"kernel_norm={kernel_norm!r}: expected both, y, none, per_set or "
+                         f"sinkhorn")
     A_neg, A_pos = A[..., :Q], A[..., Q:]                           # (.., N, Q), (.., N, P)
     # Alg. 2 steps 5-6: the estimator of Eq. (11), E[k+ k- (y+ - y-)] / (Z_p Z_q)
     W_pos = A_pos * A_neg.sum(-1, keepdim=True)                     # (.., N, P)
@@ -99,13 +95,13 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     sqrt; none for the others: on "sinkhorn" it would break the marginals); 0 disables it.
     all_reduce: optional callable that sums a tensor over ranks and returns it. `scale` and
     the per-tau force RMS are means over ALL rows, so rows split over ranks must reduce them.
-    stats: the `info` of a call on ALL the step's rows (micro-batches: a no-grad call first);
-    given, this call's scale and force RMS are those, and it reduces nothing. chunk_rows:
-    rows per chunk; default: chunk_bytes per (rows, T, C_g, M) tensor (4 MB on a CPU, a
-    cache; 256 MB on a GPU, where fewer and larger kernels pay). memory_budget:
-    bytes that distances and forces of all rows may keep between the passes; above it each
-    chunk is recomputed per pass (same loss, bounded memory, about twice the compute). info:
-    `scale`, `loss_{tau}` = mean(V_tau^2) BEFORE normalization (falls as q -> p; App. A.6)."""
+    stats: a dict when these rows are part of a step (micro-batches): nothing is reduced, a
+    given `scale` and `loss_{tau}` are the step's, and info["sums"] holds this call's sums
+    (distance, weight, elements of V; V_tau^2) to add up over the parts. chunk_rows: rows per chunk
+    (default: chunk_bytes per (rows, T, C_g, M) tensor, 4 MB on a CPU, 256 MB on a GPU).
+    memory_budget: bytes that distances and forces of all rows may keep between the passes;
+    above it each chunk is recomputed per pass (same loss, bounded memory, ~2x compute).
+    info: `scale`, `loss_{tau}` = mean(V_tau^2) BEFORE normalization (falls as q -> p; A.6)."""
     # NOTE: the official code casts to float32 too; softmax over distances breaks in bf16.
     with torch.autocast(device_type=gen.device.type, enabled=False):    # 1. Defaults & casting
         B, C_g, S = gen.shape
@@ -126,7 +122,6 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
         def cdist(x, y, eps=1e-8):                                  # (r, C_g, M), official
             sq_dist = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * x @ y.mT
             return sq_dist.clamp_min(eps).sqrt()
-
         targets = lambda r: torch.cat([old_gen[r], neg[r], pos[r]], dim=1)  # (r, M, S)
 
         with torch.no_grad():
@@ -135,15 +130,16 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             # are taken per row and added in float64: chunks and ranks do not change them.
             dist, acc = [None] * len(chunks), torch.zeros(3, dtype=torch.float64,
                                                           device=gen.device)
-            for i, r in enumerate(chunks if stats is None or keep else []):
+            given = stats or {}
+            for i, r in enumerate(chunks if "scale" not in given or keep else []):
                 d = cdist(old_gen[r], targets(r))                   # (r, C_g, M)
                 w = targets_w[r]                                    # (r, M)
                 acc[:2] += torch.stack([(d * w[:, None, :]).sum((1, 2)).double().sum(),
                                         C_g * w.sum(1).double().sum()])
                 dist[i] = d if keep else None
-            acc[2] = B                                  # rows (a fill: no host-to-device copy)
+            acc[2] = B * C_g * S                   # elements of V (a fill, no host copy)
             acc = reduce(acc) if stats is None else acc  # sums over ranks; scale = weighted
-            scale = (acc[0] / acc[1]).float() if stats is None else stats["scale"]  # dist mean
+            scale = given["scale"] if "scale" in given else (acc[0] / acc[1]).float()  # mean
             scale_inputs = (scale / math.sqrt(S)).clamp_min(1e-3)   # coordinates ~ 1
 
             def forces(i, r):                  # the official force loop, all taus at once
@@ -188,14 +184,17 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
 
             # 3. Drift normalization (Eq. 23-25): the RMS of each tau's field over ALL rows.
             V2, kept = torch.zeros(T, dtype=torch.float64, device=gen.device), [None] * len(chunks)
-            for i, r in enumerate(chunks if stats is None else []):
+            fixed = f"loss_{taus[0]}" in given
+            for i, r in enumerate([] if fixed else chunks):
                 V = forces(i, r)                                    # (r, T, C_g, S)
                 V2 += V.square().sum((2, 3)).double().sum(0)        # (T,)
                 kept[i], dist[i] = (V if keep else None), None
-            V2 = ((reduce(V2) / (acc[2] * C_g * S)).float() if stats is None else     # (T,)
-                  torch.stack([stats[f"loss_{tau}"] for tau in taus]))   # mean(V_tau^2)
-            force_scale = V2.clamp_min(1e-8).sqrt()[:, None, None]  # (T, 1, 1)
-            info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
+            sums = torch.cat([acc, V2])                             # this call's, for parts
+            V2 = torch.stack([given[f"loss_{tau}"] for tau in taus]) if fixed else (
+                (reduce(V2) if stats is None else V2) / acc[2]).float()  # (T,)
+            force_scale = V2.clamp_min(1e-8).sqrt()[:, None, None]  # (T, 1, 1) mean(V^2)
+            info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)},
+                    **({} if stats is None else {"sums": sums})}
 
         # 4. Loss, chunk by chunk (Eq. 6): MSE to the stop-gradient goal x + sum_tau V / lambda
         loss = []

@@ -117,17 +117,17 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
             return torch.baddbmm(sq, x[r], y.mT, alpha=-2).clamp_min_(1e-8).sqrt_(), y
 
         with torch.no_grad():
-            acc, kept = torch.zeros(3, dtype=torch.float64, device=x.device), []
-            for r in chunks if stats is None or keep else []:        # pass 1: the scale
+            acc, kept, given = torch.zeros(3, dtype=torch.float64, device=x.device), [], stats or {}
+            for r in chunks if "scale" not in given or keep else []:  # pass 1: the scale
                 d, y = cdist(r)
                 wd = d.sum(1) if w is None else d.sum(1) * w[r]      # (r, M)
                 wsum = d.new_full((len(d),), M) if w is None else w[r].sum(1)
                 acc[:2] += torch.stack([wd.sum(1).double().sum(), C_g * wsum.double().sum()])
                 kept.append((d, y) if keep else None)
-            acc[2] = B                                               # a fill, no host copy
+            acc[2] = B * C_g * S                          # elements of V: a fill, no host copy
             kept += [None] * (len(chunks) - len(kept))
             acc = reduce(acc) if stats is None else acc
-            scale = (acc[0] / acc[1]).float() if stats is None else stats["scale"]
+            scale = given["scale"] if "scale" in given else (acc[0] / acc[1]).float()
             s_in = (scale / math.sqrt(S)).clamp_min(1e-3)
             d_unit = scale.clamp_min(1e-3)
             h = torch.stack([-0.5 * LOG2E / (tau * d_unit) for tau in taus])[:, None, None]
@@ -139,17 +139,20 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
                               x[r], a, b)
 
             V2 = torch.zeros(T, dtype=torch.float64, device=x.device)
-            for i, r in enumerate(chunks if stats is None else []):  # pass 2: per-tau RMS
+            fixed = f"loss_{taus[0]}" in given                       # the step's V^2 given
+            for i, r in enumerate([] if fixed else chunks):          # pass 2: per-tau RMS
                 V = forces_of(i, r)
                 V2 += V.square().sum((2, 3)).double().sum(0)
                 kept[i] = V if keep else None
-            V2 = ((reduce(V2) / (acc[2] * C_g * S)).float() if stats is None else
-                  torch.stack([stats[f"loss_{tau}"] for tau in taus]))
-            info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)}}
+            sums = torch.cat([acc, V2])                              # this call's (parts)
+            V2 = torch.stack([given[f"loss_{tau}"] for tau in taus]) if fixed else (
+                (reduce(V2) if stats is None else V2) / acc[2]).float()
+            info = {"scale": scale, **{f"loss_{tau}": V2[t] for t, tau in enumerate(taus)},
+                    **({} if stats is None else {"sums": sums})}
             inv = V2.clamp_min(1e-8).rsqrt()
             goal = x / s_in                                          # (B, C_g, S)
             for i, r in enumerate(chunks):                           # pass 3: the goal
-                V = kept[i] if stats is None and keep else forces_of(i, r)
+                V = kept[i] if not fixed and keep else forces_of(i, r)
                 kept[i] = None
                 for t in range(T):
                     goal[r].addcmul_(V[:, t], inv[t])

@@ -37,7 +37,8 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
     field_kw: its ablation options (kernel, kernel_norm, a, b...; field.drift_loss only).
     cached: {name: (N, T, D)} the real samples' features, precomputed (embed_all); then pos
     and unc are item indices (n, N_pos), (n, N_unc) into it instead of images. stats: {group:
-    info} of the whole step (micro-batches: generator_step), used instead of these rows'."""
+    what is known of the step's statistics} when these groups are part of a step (micro-
+    batches: generator_step; field.drift_loss's `stats`)."""
     n, N_pos, N_unc = pos.shape[0], pos.shape[1], unc.shape[1]
     N_neg = noise.shape[0] // n
     # App. A.7: unconditional negatives weighted w = (alpha - 1)(N_neg - 1) / N_unc (-1: self-mask)
@@ -57,59 +58,55 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
         w = w_unc.repeat_interleave(T)[:, None].expand(-1, N_unc)                  # (n * T, N_unc)
         row_loss, infos[name] = drift_loss(rows(f, N_neg), y[:, :N_pos], y[:, N_pos:], w_neg=w,
                                            taus=taus, all_reduce=all_reduce, stats=None if
-                                           stats is None else stats[name], **field_kw)  # (n * T,)
+                                           stats is None else stats.get(name, {}), **field_kw)
         per_group[name] = row_loss.mean()
         loss = loss + per_group[name]
     return loss, per_group, infos
 
 
-def in_parts(fn, size):
-    """fn over its inputs `size` items at a time (dim 0), the outputs (tensors, or dicts of
-    them) concatenated: the no-grad statistics pass of generator_step."""
-    def run(*args, **kw):
-        outs = [fn(*(a[i:i + size] for a in args), **{k: v if v is None else v[i:i + size]
-                                                       for k, v in kw.items()})
-                for i in range(0, len(args[0]), size)]
-        return ({k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-                if isinstance(outs[0], dict) else torch.cat(outs))
-    return run
-
-
 def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
-                   amp=contextlib.nullcontext(), **loss_kw):
+                   amp=contextlib.nullcontext(), all_reduce=None, **loss_kw):
     """One step's loss (and, with backward, its gradients) on this rank's n class groups,
     `micro` groups per forward/backward pass (--micro-groups), gradients accumulated (DDP
-    synchronizes on the last pass only). The drift loss's two global statistics (the feature
-    scale, each tau's force RMS) stay those of the whole step: with several passes a no-grad
-    pass over all of them computes them first (all-reduced there: the generator's forward
-    once more), the real samples' features kept for the gradient passes. amp: the autocast
-    context of the forward passes (backward runs outside it). -> (loss, {tau:
-    mean V_tau^2 over feature groups}), the same step, to float32 rounding, for any micro."""
+    synchronizes on the last pass only). The drift loss's two global statistics (each
+    feature group's scale and per-tau force RMS) stay those of the whole step: with several
+    passes, two no-grad sweeps over the parts compute them first, the distance sums giving
+    the scales, then, given those, the V^2 sums the force RMS; each sweep's sums of every
+    group in ONE all_reduce. Exactness costs two more forwards of the generator and the
+    encoder (docs/memory.md); the memory stays one part's. amp: the autocast context of the
+    forwards (backward runs outside it). -> (loss, {tau: mean V_tau^2 over feature groups}),
+    the same step, to float32 rounding, for any micro."""
     labels, alpha, pos, unc, noise, style = batch
-    n, N_neg = len(labels), len(noise) // len(labels)
+    n, N_neg, taus = len(labels), len(noise) // len(labels), loss_kw.get("taus", (0.2, 0.05, 0.02))
     parts, stats = [slice(i, i + micro) for i in range(0, n, micro)], None
+    part = lambda r: (labels[r], alpha[r], pos[r], unc[r], noise[r.start * N_neg:r.stop * N_neg],
+                      style[r.start * N_neg:r.stop * N_neg])
     if len(parts) > 1:
+        stats = {}                  # {feature group: what is known of the step's statistics}
         with torch.no_grad(), amp:
-            embed = in_parts(lambda x: features(phi, x), micro * N_neg)
-            if cached is None:          # the reals' features, as indices into them from now on
-                cached = embed(torch.cat([pos, unc], 1).flatten(0, 1))
-                pos, unc = torch.arange(n * (pos.shape[1] + unc.shape[1]), device=noise.device
-                                        ).view(n, -1).split([pos.shape[1], unc.shape[1]], 1)
-            stats = generator_loss(in_parts(raw, micro * N_neg), embed, labels, alpha, pos, unc,
-                                   noise, style, cached=cached, **loss_kw)[2]
-    total = 0.0
+            for sweep in ("scale", "force RMS"):
+                sums = {}
+                for r in parts:
+                    infos = generator_loss(raw, phi, *part(r), cached=cached, stats=stats,
+                                           **loss_kw)[2]
+                    for name, info in infos.items():
+                        sums[name] = sums.get(name, 0) + info["sums"]
+                total = torch.stack(list(sums.values()))            # (groups, 3 + T) float64
+                total = all_reduce(total) if all_reduce else total  # over the ranks, at once
+                for name, s in zip(sums, total):    # s: distance, weight, elements, V^2 sums
+                    stats[name] = {"scale": (s[0] / s[1]).float()} if sweep == "scale" else {
+                        **stats[name], **{f"loss_{tau}": (s[3 + t] / s[2]).float()
+                                          for t, tau in enumerate(taus)}}
+    loss_sum = 0.0
     for i, r in enumerate(parts):
-        gen_r = slice(r.start * N_neg, r.stop * N_neg)
         sync = i == len(parts) - 1 or not hasattr(net, "no_sync")
         with contextlib.nullcontext() if sync else net.no_sync():
             with amp:
-                loss, _, infos = generator_loss(net, phi, labels[r], alpha[r], pos[r], unc[r],
-                                                noise[gen_r], style[gen_r], cached=cached,
-                                                stats=stats, **loss_kw)
+                loss, _, infos = generator_loss(net, phi, *part(r), cached=cached, stats=stats,
+                                                all_reduce=all_reduce, **loss_kw)
             loss = loss * (len(labels[r]) / n)      # each group's row mean over the whole step
             if backward:
                 loss.backward()
-        total = total + loss.detach()
-    taus = loss_kw.get("taus", (0.2, 0.05, 0.02))
-    return total, {tau: sum(info[f"loss_{tau}"] for info in infos.values()) / len(infos)
-                   for tau in taus}
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, {tau: sum(info[f"loss_{tau}"] for info in infos.values()) / len(infos)
+                      for tau in taus}

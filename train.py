@@ -43,7 +43,7 @@ from checkpoint import (claim_run_folder, file_sha256, prepare_run_folder, read_
                         replace_run, resume_run, save_training, stopped, weights_sha256)
 from config import PRESET, check_data, cls_lambda, draw_numbers, lr_at, parse_args
 from convnext import convnext_from_hf, pixel_feature_groups
-from data import TensorSampler, draw_groups, split_per_class, subset
+from data import Prefetch, TensorSampler, draw_groups, split_per_class, subset
 from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, mae_from_state
 from memory import plan
 from metrics import held_out, progress, write_log
@@ -55,7 +55,8 @@ from step import generator_step
 # --- Setup: DDP, data, the model to train and its inputs ---
 def setup_ddp(args):
     """nanoGPT's idiom: torchrun sets RANK; plain python is one process. -> (ddp, rank,
-    world, device); the device is cuda:LOCAL_RANK under torchrun on GPUs."""
+    world, device, a CPU (gloo) group for the stop flag); the device is cuda:LOCAL_RANK under
+    torchrun on GPUs."""
     ddp = "RANK" in os.environ                     # set by torchrun; absent under plain python
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -66,10 +67,11 @@ def setup_ddp(args):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
-    if ddp:   # the timeout: a frozen peer ends the job instead of hanging the others forever
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=args.ddp_timeout))
-    return ddp, rank, world, device
+    timeout = datetime.timedelta(minutes=args.ddp_timeout)     # a frozen peer ends the job
+    if ddp:                                                     # instead of hanging the others
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return ddp, rank, world, device, dist.new_group(backend="gloo", timeout=timeout) if (
+        ddp) else None
 
 
 def setup_mae(args, images, labels, shape, world, rank, device):
@@ -137,10 +139,12 @@ def setup_gen(args, images, labels, shape, world, rank, device):
         if rank == 0:
             print(f"--cache-features: {len(images)} real samples' feature groups, "
                   f"{sum(v.numel() for v in cached.values()) * 4 / 2 ** 30:.2f} GiB")
-    per_rank = args.n_classes_per_step // world
-    return SimpleNamespace(model=model, cfg=cfg, sampler=TensorSampler(images, labels, args.seed),
-                           streams={}, phi=phi, real=real, cached=cached,
-                           mine=range(rank * per_rank, (rank + 1) * per_rank),
+    per_rank, sampler = args.n_classes_per_step // world, TensorSampler(images, labels, args.seed)
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    ahead = Prefetch(lambda step: draw_groups(sampler, cfg, step, mine, **draw_numbers(args)),
+                     device)            # the next step's draw, made while this one runs
+    return SimpleNamespace(model=model, cfg=cfg, sampler=sampler, streams={}, phi=phi, real=real,
+                           cached=cached, mine=mine, ahead=ahead,
                            info=dict(mae=args.mae_ckpt, mae_sha256=weights_sha256(args.mae_ckpt),
                                      convnext=args.convnext, convnext_sha256=file_sha256(
                                          args.convnext), holdout=args.holdout if args.eval_every
@@ -186,11 +190,9 @@ def main(argv=None):
     args = parse_args(argv, __doc__)
     master = int(os.environ.get("RANK", 0)) == 0   # only this rank prints, logs and saves
     out = claim_run_folder(args.out, args.resume, args.overwrite) if master else args.out
-    ddp, rank, world, device = setup_ddp(args)
+    ddp, rank, world, device, stop_group = setup_ddp(args)
     if master:
         print(json.dumps(vars(args)))
-    stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
-        minutes=args.ddp_timeout)) if ddp else None                 # the stop flag's
     images, labels, shape = open_data(args.data, args.data_path, args.image_size,
                                       args.augment)
     s = (setup_mae if args.stage == "mae" else setup_gen)(args, images, labels, shape, world,
@@ -229,9 +231,8 @@ def main(argv=None):
                    sinkhorn_iters=args.sinkhorn_iters, a=args.attract, b=args.repel)
 
     def draw(step):                 # this rank's share of the step, on the device
-        return [t.to(device) for t in (
-            s.sampler.batch(args.batch // world) if args.stage == "mae" else
-            draw_groups(s.sampler, s.cfg, step, s.mine, **draw_numbers(args)))]
+        return [t.to(device) for t in s.sampler.batch(args.batch // world)] if (
+            args.stage == "mae") else s.ahead.get(step)
 
     def losses(model, batch, step, backward=True):
         """The stage's loss on one step's batch, and its gradients -> (loss, {name: value})."""

@@ -3,6 +3,7 @@ pixel models' RandomResizedCrop, and the on-demand ImageFolder source (the laten
 such a folder: tests/test_cache.py). The images are small generated PNG/JPEG files. Also the
 MNIST-5k csv reader's error messages."""
 import gzip
+import math
 import os
 
 import numpy as np
@@ -156,3 +157,36 @@ def test_mnist5k_names_the_first_bad_entry(tmp_path, monkeypatch, column, value,
     write_csv(tmp_path / "bad.csv.gz", rows)
     with pytest.raises(ValueError, match=f"bad.csv.gz: expected .* but {match}"):
         data.mnist5k(str(tmp_path / "bad.csv.gz"))
+
+
+def test_distinct_draws_of_a_large_set_without_a_permutation():
+    """data._choose: up to 2^16 items, the first k of a permutation (what the docs' MNIST runs
+    drew); above, k distinct indices from uniform draws: in range, distinct, the same for the
+    same generator state, and uniform (each of 8 position bins of the first index holds
+    1/8 of 4000 draws within 5 standard deviations; the mean index n/2 within 1%)."""
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(data._choose(4500, 4, a), torch.randperm(4500, generator=b)[:4])
+    n, g = 2 ** 17 + 3, torch.Generator().manual_seed(0)
+    draws = torch.stack([data._choose(n, 8, g) for _ in range(4000)])          # (4000, 8)
+    assert draws.min() >= 0 and draws.max() < n
+    assert all(len(set(row.tolist())) == 8 for row in draws)
+    counts = torch.bincount(draws[:, 0] * 8 // n, minlength=8).double()
+    assert ((counts - 500).abs() < 5 * math.sqrt(500 * 7 / 8)).all(), counts
+    assert abs(draws.double().mean() / n - 0.5) < 0.01
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(data._choose(n, 32, g1), data._choose(n, 32, g2))
+    assert len(set(data._choose(100_000, 60_000, g).tolist())) == 60_000     # redraws
+
+
+def test_prefetch_gives_each_steps_own_draw():
+    """data.Prefetch: the draw of step s made one step ahead on a thread is the draw of step
+    s (draw_groups depends on the step only), in order, after a skip, and again."""
+    from models import DriftDiT_models, DriftDiTConfig
+    cfg = DriftDiTConfig(**DriftDiT_models["S4"])
+    sampler = data.TensorSampler(torch.randn(60, 1, 28, 28), torch.arange(60) % 10, 0)
+    draw = lambda step: data.draw_groups(sampler, cfg, step, range(2), seed=0, n_classes=4,
+                                         n_gen=3, n_pos=2, n_unc=2, cfg_power=3.0,
+                                         no_cfg_frac=0.0)
+    ahead = data.Prefetch(draw, torch.device("cpu"))
+    for step in (0, 1, 2, 5, 6, 6):
+        assert all(torch.equal(a, b) for a, b in zip(ahead.get(step), draw(step))), step

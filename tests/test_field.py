@@ -295,6 +295,16 @@ def test_given_stats_make_micro_batches_one_step(fast, budget):
         assert rel_err(parts[1][1][k].reshape(1), whole_info[k].reshape(1)) < 1e-6
     alone, _ = loss_fn(gen[:3], pos[:3], neg[:3], w_neg=w_neg[:3])
     assert rel_err(alone, whole[:3].detach()) > 1e-3
+    # The statistics from the parts alone (step.generator_step's two no-grad sweeps): the
+    # parts' distance sums give the scale; given it, their V^2 sums give the force RMS.
+    cut = (slice(0, 3), slice(3, 4), slice(4, 8))
+    part = lambda r, stats: loss_fn(gen[r], pos[r], neg[r], w_neg=w_neg[r], stats=stats)[1]
+    sums = sum(part(r, {})["sums"] for r in cut)
+    scale = (sums[0] / sums[1]).float()
+    V2 = sum(part(r, {"scale": scale})["sums"][3:] for r in cut) / sums[2]     # elements
+    assert rel_err(scale.reshape(1), whole_info["scale"].reshape(1)) < 1e-6
+    for t, tau in enumerate((0.02, 0.05, 0.2)):
+        assert rel_err(V2[t].float().reshape(1), whole_info[f"loss_{tau}"].reshape(1)) < 1e-6
 
 
 def test_drift_field_keeps_self_mask_and_dtype_for_float64():
