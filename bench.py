@@ -7,7 +7,8 @@ Benchmarks, printed as Markdown tables with the command line and the machine in 
   python bench.py --only models   # generator forward+backward of the tiny presets
   python bench.py --only train    # one train.py --stage gen step of the tiny CPU presets
   python bench.py --only sample   # sample.py one-step sampling, samples/s of the tiny presets
-  python bench.py --only gpu --out gpu.md   # B2, L2 at the paper's per-GPU batch on one GPU
+  python bench.py --only step     # issue 29: drift-loss calls at L2, the draw, the S4 step
+  python bench.py --only gpu --out gpu.md   # L2, B2, L16 at the paper's per-GPU batch, 1 GPU
   python bench.py --threads 1     # one torch thread (a machine shared with other jobs)
   python bench.py --baseline old_field.py   # + another field.py's drift_loss in loss and train
 
@@ -20,7 +21,6 @@ Timings are medians; the functions of a table run in turns, so compare ratios, n
 across runs on a shared machine.
 """
 import argparse
-import copy
 import datetime
 import importlib.util
 import os
@@ -31,11 +31,12 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import field
 import field_fast
 from field import drift_loss
-from metrics import PEAK_BF16, step_flops
+from gpu_check import TINY, bench_gpu, setup
 
 LOSS_SHAPES = [(64, 64, 64, 16, 256), (256, 64, 64, 16, 64), (1024, 64, 64, 16, 32),
                (16, 64, 128, 32, 640)]                               # (rows, C_g, C_p, C_n, S)
@@ -199,48 +200,11 @@ def bench_models():
               f"{cfg.input_size} | {t * 1e3:.0f} | {B / t:.0f} |")
 
 
-# the presets' feature encoders: the recipes' MAE on GPUs, one CPU size for the tiny ones
-# (train.py --stage mae makes them); S8 also has ConvNeXt, as the pixel recipes
-ENCODER = {"S2": "tiny", "S4": "mnist", "S8": "pixel_tiny", "B2": "latent_640",
-           "L2": "latent_640"}
-TINY = ["S2", "S4", "S8"]
-
-
-def setup(name, device="cpu"):
-    """A preset's recipe (config.RECIPES sizes), its generator and frozen random feature
-    encoder(s), initialized on `device` (no CPU copy of the paper sizes), and a sampler over
-    random data (64 samples of each of the step's classes), its EMA and AdamW -> (args, cfg,
-    model, ema, opt, mae, phi, sampler); phi: the MAE, or for S8 x -> MAE + ConvNeXt groups."""
-    from config import parse_args
-    from convnext import ConvNeXt_models, ConvNeXtV2, pixel_feature_groups
-    from data import TensorSampler
-    from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet
-    from models import DriftDiT, DriftDiTConfig, DriftDiT_models
-    args = parse_args(["--model", name, "--data-path", "unused"])   # the recipe's sizes
-    torch.manual_seed(0)
-    cfg = DriftDiTConfig(**DriftDiT_models[name])
-    with torch.device(device):
-        model = DriftDiT(cfg)
-        mae = MAEResNet(MAEConfig(**MAE_models[ENCODER[name]]), with_heads=False)
-    phi = mae.eval().requires_grad_(False)
-    if name == "S8":
-        convnext = ConvNeXtV2(**ConvNeXt_models["tiny"]).eval().requires_grad_(False)
-        phi = lambda x: pixel_feature_groups(mae, convnext, x, **ACTIVATION_KWARGS)
-    K = args.n_classes_per_step
-    images = torch.randn(K * 64, cfg.in_channels, cfg.input_size, cfg.input_size).clamp(-1, 1)
-    sampler = TensorSampler(images, torch.arange(K * 64) % K, args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=args.weight_decay,
-                            fused=torch.device(device).type == "cuda")
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    return args, cfg, model, ema, opt, mae, phi, sampler
-
-
 def bench_train(baseline=None, repeat=15):
-    """One generator step as train.py's loop runs it (draw_groups, generator_loss: DriftDiT
-    forward, feature groups, drift_loss per group; backward, clip, AdamW, EMA), with each
+    """One generator step as train.py's loop runs it (draw_groups, generator_step: DriftDiT
+    forward, feature groups, drift_loss per group, backward; clip, AdamW, EMA), with each
     drift loss, in shuffled turns: a change in the load of the machine hits all alike."""
-    from step import generator_loss
+    from step import generator_step
     from config import draw_numbers
     from data import draw_groups
     from models import update_ema
@@ -261,10 +225,9 @@ def bench_train(baseline=None, repeat=15):
                 return fns[k](gen, *a, **kw)
             calls.clear()
             batch = draw_groups(sampler, cfg, s, groups, **draw_numbers(args))
-            loss, _, _ = generator_loss(model, phi, *batch, taus=args.taus,
-                                              drift_loss=counted)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            generator_step(model, model, phi, batch, len(groups), taus=args.taus,
+                           drift_loss=counted)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             update_ema(ema, model, args.ema)
@@ -336,154 +299,100 @@ def bench_sample(batch=64):
 
 
 # ------------------------------------------------------------------------------------------
-# The GPU table: the paper-size train step on one device (`--only gpu`; tiny presets on a CPU)
+# Issue 29 on a CPU: the drift loss's torch calls at L2's shapes, the draw, the S4 step
 # ------------------------------------------------------------------------------------------
-def sdpa_op(fn):
-    """The aten scaled_dot_product_attention kernel `fn()` dispatches to (profiler op names:
-    ..._flash_attention, ..._efficient_attention, ..._cudnn_attention, ..._attention_math)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot")}
-    return ", ".join(sorted(n[len("aten::_scaled_dot_product_"):] for n in names)) or "none"
+class OpCount(TorchDispatchMode):
+    """Counts the torch operators that reach the dispatcher (what a GPU launches, roughly)."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
-def phase_timer(cuda):
-    """-> (spans {phase: [(start, end)]}, timed(phase, fn): fn recording its span, seconds:
-    spans -> {phase: s}); CUDA events on a GPU (no sync inside the step), perf_counter else."""
-    spans = {}
-
-    def mark():
-        if not cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def timed(phase, fn):
-        def run(*a, **kw):
-            start, y = mark(), fn(*a, **kw)
-            spans.setdefault(phase, []).append((start, mark()))
-            return y
-        return run
-    span = lambda a, b: a.elapsed_time(b) / 1e3 if cuda else b - a
-    return spans, timed, lambda: {k: sum(span(a, b) for a, b in v) for k, v in spans.items()}
-
-
-def sdpa_kernels(model, cfg, device, amp, compile_check):
-    """The SDPA kernel of a forward, eager and under torch.compile (or why not)."""
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-
-    def forward(m):
-        with torch.no_grad(), amp:
-            m(x, torch.zeros(len(x), dtype=torch.long, device=device), 1.0)
-    eager, compiled = sdpa_op(lambda: forward(model)), "skipped"
-    if compile_check:
-        t0 = time.perf_counter()
-        try:
-            fast = torch.compile(model)
-            forward(fast)                       # the compile itself
-            compiled = (f"{sdpa_op(lambda: forward(fast))} (compiled in "
-                        f"{time.perf_counter() - t0:.0f} s)")
-        except Exception as e:              # report, do not stop the table
-            compiled = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
-    return eager, compiled
+def l2_loss_calls(groups):
+    """The drift loss's operators in one step of `groups` L2 class groups on one GPU: every
+    feature group of the MAE-640 (shapes from a fake forward), rows = groups x tokens, 64
+    generated, 64 positive, 32 unconditional per row; fake tensors (no compute). -> {chunk
+    sizing: operators}: the old 4 MB chunks on every device, today's 256 MB on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from encoder import MAE_models, MAEConfig, MAEResNet
+    from step import features
+    with torch.device("meta"):
+        mae = MAEResNet(MAEConfig(**MAE_models["latent_640"]), with_heads=False)
+    out = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        shapes = {k: v.shape[1:] for k, v in features(
+            mae.to_empty(device="cpu").eval(), torch.randn(1, 4, 32, 32)).items()}
+        for sizing, chunk in (("4 MB chunks (before)", 2 ** 22), ("256 MB (GPU now)", 2 ** 28)):
+            with OpCount() as count:
+                for T, S in shapes.values():
+                    gen, pos, unc = (torch.randn(groups * T, c, S) for c in (64, 64, 32))
+                    drift_loss(gen, pos, unc, w_neg=torch.rand(groups * T, 32), taus=TAUS,
+                               chunk_bytes=chunk)
+            out[sizing] = count.n
+    return out, len(shapes)
 
 
-def gpu_row(preset, device, steps, compile_check):
-    """One preset: the paper's per-GPU share (groups / 8), halved until it fits; `steps` warm
-    steps of train.py's loop body timed by phase -> the table's row."""
-    from step import generator_loss
+def bench_step(repeat=7):
+    """Before and after, in one run: the drift loss's torch calls per step at L2's shapes;
+    the per-step draw of 16 class groups over ImageNet's 1,281,167 labels (randperm of all
+    of them per unconditional draw before); one S4 step (loop body before: generator_loss +
+    backward + a per-parameter EMA; now: generator_step + the _foreach EMA); and the cost of
+    exact statistics with micro-batches (S4, 2 passes) against per-pass statistics."""
+    import data
     from config import draw_numbers
-    from data import draw_groups
-    from encoder import ACTIVATION_KWARGS, feature_groups
-    from models import update_ema
-    args, cfg, model, ema, opt, mae, _, sampler = setup(preset, device)
-    cuda, n_groups = device.type == "cuda", max(1, args.n_classes_per_step // 8)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
-    spans, timed, seconds = phase_timer(cuda)
-    gen = timed("gen fwd", model)
-    phi = timed("encoder fwd", lambda x: feature_groups(mae, x, **ACTIVATION_KWARGS))
-    loss_fn = timed("drift loss", field.drift_loss)
+    from models import DriftDiT_models, DriftDiTConfig, update_ema
+    from step import generator_loss, generator_step
+    print("\n### Issue 29 on a CPU: before and after, in one run\n")
+    print("| measure | before | after | after / before |\n|---|---|---|---|")
+    for groups in (1, 16):
+        calls, n = l2_loss_calls(groups)
+        a, b = calls.values()
+        print(f"| drift-loss operators per step, L2, {groups} group(s) per GPU, {n} feature "
+              f"groups (fake tensors) | {a} | {b} | {b / a:.3f} |")
+    labels = torch.arange(1_281_167) % 1000
+    sampler = data.TensorSampler(torch.zeros(len(labels), 1, 1, 1), labels, 0)
+    cfg, old = DriftDiTConfig(**DriftDiT_models["L2"]), data._choose
+    numbers = dict(seed=0, n_classes=128, n_gen=64, n_pos=64, n_unc=32, cfg_power=3.0,
+                   no_cfg_frac=0.5)
 
-    def optimize():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+    def draw(k, s):
+        data._choose = (lambda n, k, g: torch.randperm(n, generator=g)[:k] if k <= n else
+                        old(n, k, g)) if k == "before" else old
+        data.draw_groups(sampler, cfg, s, range(16), **numbers)
+    t = in_turns(draw, ["before", "after"], repeat)
+    data._choose = old
+    print(f"| draw of 16 groups (64 pos, 32 unc), 1.28M labels, ms | {t['before'] * 1e3:.1f} | "
+          f"{t['after'] * 1e3:.2f} | {t['after'] / t['before']:.4f} |")
+    args, cfg, model, ema, opt, _, phi, sampler = setup("S4")
+    kw = dict(taus=args.taus, drift_loss=field_fast.drift_loss, a=args.attract, b=args.repel)
+    draw_s4 = lambda s: data.draw_groups(sampler, cfg, s, range(10), **draw_numbers(args))
+
+    def old_ema():
+        params = dict(model.named_parameters())
+        for name, p in ema.named_parameters():
+            p.mul_(args.ema).add_(params[name].detach(), alpha=1 - args.ema)
+
+    def step(k, s):
+        batch = draw_s4(s)
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema)
-
-    def step(s, groups):                        # train.py's loop body, timed by phase
-        spans.clear()
-        batch = [x.to(device) for x in draw_groups(sampler, cfg, s, range(groups),
-                                                         **draw_numbers(args))]
-
-        def body():
-            with amp:
-                loss = generator_loss(gen, phi, *batch, taus=args.taus,
-                                            drift_loss=loss_fn)[0]
-            timed("backward", loss.backward)()
-            timed("optimizer", optimize)()
-        timed("step", body)()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return seconds()
-
-    while True:                                 # the per-GPU share, halved until it fits
-        try:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            step(0, n_groups)
-            runs = [step(s + 1, n_groups) for s in range(steps)]
-            break
-        except torch.cuda.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
-            spans.clear()
-            torch.cuda.empty_cache()
-            if n_groups == 1:
-                raise
-            n_groups //= 2
-    med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
-    n_gen, n_real = n_groups * args.gen_per_label, n_groups * (args.n_pos + args.n_unc)
-    name = torch.cuda.get_device_name(device) if cuda else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = step_flops(cfg, mae.cfg, n_gen, n_real) / med["step"] / peak if peak else None
-    mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if cuda else "n/a"
-    share = lambda k: f"{100 * med.get(k, 0) / med['step']:.0f}%"
-    eager, compiled = sdpa_kernels(model, cfg, device, amp, compile_check)
-    return (f"| {preset} | {ENCODER[preset]} | {n_groups} x ({args.gen_per_label}, "
-            f"{args.n_pos}, {args.n_unc}) | {med['step']:.3f} | {n_gen / med['step']:.0f} | "
-            f"{mem} | " + (f"{100 * mfu:.1f}%" if mfu else "n/a") + " | "
-            + " | ".join(share(k) for k in ("gen fwd", "encoder fwd", "drift loss", "backward",
-                                            "optimizer")) + f" | {eager} | {compiled} |")
-
-
-def bench_gpu(device, presets, steps=3, compile_check=True, out=None):
-    """Per preset a row of gpu_row (step time, img/s, peak memory, MFU from step_flops, phase
-    shares, the SDPA kernel eager and compiled), then a 1-process torchrun step of train.py.
-    Random weights and data: nothing to download."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    lines = [f"### Train step on one {name} ({'bf16 autocast' if cuda else 'fp32, CPU'}, "
-             f"random weights, median of {steps} warm steps)\n",
-             "| preset | MAE | groups x (gen, pos, unc) | step s | gen img/s | peak GB | MFU "
-             "| gen fwd | encoder fwd | drift loss | backward | optimizer | SDPA | SDPA, "
-             "compiled |", "|---" * 14 + "|"]
-    print("\n".join(lines))
-    for preset in presets:
-        lines.append(gpu_row(preset, device, steps, compile_check))
-        print(lines[-1], flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
-    lines.append("\nMFU: step_flops (bench.py) over the step time and the GPU's dense bf16 "
-                 "peak; the phase shares are of the step time (encoder fwd: real and generated "
-                 "features; backward: generator and encoder together).")
-    lines.append(torchrun_smoke(device))
-    print(lines[-1])
-    if out:
-        with open(out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return "\n".join(lines)
+        if k == "before":
+            generator_loss(model, phi, *batch, **kw)[0].backward()
+        elif k == "per-pass stats":
+            for r in (slice(0, 5), slice(5, 10)):
+                part = [x[r] for x in batch[:4]] + [x[r.start * 8:r.stop * 8] for x in batch[4:]]
+                (generator_loss(model, phi, *part, **kw)[0] / 2).backward()
+        else:
+            generator_step(model, model, phi, batch, 5 if k == "exact, 2 passes" else 10, **kw)
+        opt.step()
+        old_ema() if k == "before" else update_ema(ema, model, args.ema)
+    t = in_turns(step, ["before", "after", "per-pass stats", "exact, 2 passes"], repeat, 1, True)
+    print(f"| one S4 step (10 groups, fast loss), ms | {t['before'] * 1e3:.0f} | "
+          f"{t['after'] * 1e3:.0f} | {t['after'] / t['before']:.3f} |")
+    print(f"| S4 in 2 passes: per-pass statistics (inexact) vs exact (2 no-grad sweeps), ms | "
+          f"{t['per-pass stats'] * 1e3:.0f} | {t['exact, 2 passes'] * 1e3:.0f} | "
+          f"{t['exact, 2 passes'] / t['per-pass stats']:.3f} |")
 
 
 def torchrun_smoke(device):
@@ -514,12 +423,14 @@ def torchrun_smoke(device):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample", "gpu"],
-                        help="one table only (gpu: not in the default set)")
+    parser.add_argument("--only", choices=["loss", "memory", "models", "train", "sample", "step",
+                                           "gpu"], help="one table only (gpu: not by default)")
     parser.add_argument("--device", default="cuda", help="gpu table: cuda, or cpu (tiny presets)")
     parser.add_argument("--presets", nargs="+", help="gpu table: DriftDiT presets "
-                        "(default: B2 L2 on cuda, S2 on cpu)")
-    parser.add_argument("--steps", type=int, default=3, help="gpu table: timed warm steps")
+                        "(default: L2 B2 L16 on cuda, S2 on cpu)")
+    parser.add_argument("--steps", type=int, default=2, help="gpu table: timed warm steps")
+    parser.add_argument("--estimate", action="store_true", help="gpu table: memory.py's "
+                        "estimate of each row's peak beside the measured one (minutes)")
     parser.add_argument("--no-compile", action="store_true", help="gpu table: skip the "
                         "torch.compile SDPA check")
     parser.add_argument("--out", help="gpu table: also write it to this file")
@@ -541,10 +452,16 @@ if __name__ == "__main__":
           f"torch {torch.__version__} | Python {platform.python_version()}")
     tables = dict(loss=[lambda: bench_loss(args.baseline)], memory=[bench_memory],
                   models=[bench_models], train=[lambda: bench_train(args.baseline), bench_cache],
-                  sample=[bench_sample])
+                  sample=[bench_sample], step=[bench_step])
     for table in (fn for name, fns in tables.items() if args.only in (None, name) for fn in fns):
         table()
-    if args.only == "gpu":
-        bench_gpu(args.device, args.presets or (["B2", "L2"] if args.device == "cuda" else
-                                                ["S2"]), args.steps, not args.no_compile,
-                  args.out)
+    if args.only == "gpu":          # gpu_check.py: each row written as it is measured
+        device = torch.device(args.device)
+        bench_gpu(device, args.presets or (["L2", "B2", "L16"] if device.type == "cuda" else
+                                           ["S2"]), args.steps, not args.no_compile, args.out,
+                  args.estimate)
+        smoke = torchrun_smoke(device)
+        print(smoke)
+        if args.out:
+            with open(args.out, "a") as f:
+                print(smoke, file=f)

@@ -190,6 +190,9 @@ def gen_flags(g):
       "each rank, gradients accumulated; the drift loss's statistics stay the whole step's "
       "(a no-grad pass first). Default: all of the rank's groups in one pass; auto: the most "
       "that the memory plan fits on this GPU")
+    g("--micro-stats", choices=["step", "pass"], default="step", help="with several passes: "
+      "the drift loss's statistics of the whole step (exact, two no-grad sweeps first), or of "
+      "each pass (cheaper; another loss)")
     g("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
       help="recompute each DiT block in the backward: activations of a block's input only, "
       "for about 1/3 more generator compute (official use_remat)")

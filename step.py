@@ -65,7 +65,7 @@ def generator_loss(net, phi, labels, alpha, pos, unc, noise, style_idx=None,
 
 
 def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
-                   amp=contextlib.nullcontext(), all_reduce=None, **loss_kw):
+                   amp=contextlib.nullcontext(), all_reduce=None, exact=True, **loss_kw):
     """One step's loss (and, with backward, its gradients) on this rank's n class groups,
     `micro` groups per forward/backward pass (--micro-groups), gradients accumulated (DDP
     synchronizes on the last pass only). The drift loss's two global statistics (each
@@ -74,14 +74,15 @@ def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
     the scales, then, given those, the V^2 sums the force RMS; each sweep's sums of every
     group in ONE all_reduce. Exactness costs two more forwards of the generator and the
     encoder (docs/memory.md); the memory stays one part's. amp: the autocast context of the
-    forwards (backward runs outside it). -> (loss, {tau: mean V_tau^2 over feature groups}),
-    the same step, to float32 rounding, for any micro."""
+    forwards (backward runs outside it). exact=False (--micro-stats pass): each pass uses
+    its own statistics (over the ranks), no sweeps: cheaper, another loss. -> (loss, {tau:
+    mean V_tau^2 over feature groups}), the same step, to float32 rounding, for any micro."""
     labels, alpha, pos, unc, noise, style = batch
     n, N_neg, taus = len(labels), len(noise) // len(labels), loss_kw.get("taus", (0.2, 0.05, 0.02))
     parts, stats = [slice(i, i + micro) for i in range(0, n, micro)], None
     part = lambda r: (labels[r], alpha[r], pos[r], unc[r], noise[r.start * N_neg:r.stop * N_neg],
                       style[r.start * N_neg:r.stop * N_neg])
-    if len(parts) > 1:
+    if len(parts) > 1 and exact:
         stats = {}                  # {feature group: what is known of the step's statistics}
         with torch.no_grad(), amp:
             for sweep in ("scale", "force RMS"):

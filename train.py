@@ -239,7 +239,7 @@ def main(argv=None):
         if args.stage == "gen":     # Alg. 1: the drift loss on every feature group
             loss, V2 = generator_step(model, raw, s.phi, batch, micro, backward, s.cached, amp,
                                       all_reduce=(lambda t: dist.all_reduce(t) or t) if ddp
-                                      else None, **loss_kw)     # all_reduce: sum, in place
+                                      else None, exact=args.micro_stats == "step", **loss_kw)
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
         with amp:                   # App. A.3: masked L2 (+ lambda CE in the fine-tune)
             lam = cls_lambda(step, args)
