@@ -20,6 +20,11 @@ from encoder import MAE_models
 # ------------------------------------------------------------------------------------------
 # The recipes: one complete row per recipe (Tab. 8 and configs/*/*.yaml; S2/S4/S8 are ours)
 # ------------------------------------------------------------------------------------------
+# How the paper sizes fit 80 GB (docs/memory.md, `python memory.py`): each GPU's 16 class
+# groups a few per pass, activation checkpointing. Estimated peaks: B2 3 per pass 53 GiB,
+# L2 2 per pass 48 GiB, L16 1 per pass 48 GiB (B16, a smaller DiT, as L16).
+FIT_B2, FIT_16 = dict(micro_groups=3, grad_checkpoint=True), dict(micro_groups=1,
+                                                                  grad_checkpoint=True)
 RECIPES = {
     # App. A.3, configs/mae/latent_ablation_256.yaml: constant lr after a linear warmup
     "mae": dict(data="latents", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
@@ -32,19 +37,19 @@ RECIPES = {
     # B/2 sizes with the ablation recipe of Tab. 8 (N_pos: paper B/2 128, official code 64)
     "ablation": dict(data="latents", out="runs/ablation", steps=30000, n_classes_per_step=64,
                      gen_per_label=64, n_pos=64, n_unc=16, lr=2e-4, weight_decay=0.01,
-                     warmup=5000, ema=0.999, cfg_power=3.0, no_cfg_frac=0.0),
+                     warmup=5000, ema=0.999, cfg_power=3.0, no_cfg_frac=0.0, **FIT_B2),
     "B2": dict(data="latents", out="runs/B2", steps=200000, n_classes_per_step=128,
                gen_per_label=64, n_pos=64, n_unc=32, lr=4e-4, weight_decay=0.0, warmup=10000,
-               ema=0.999, cfg_power=5.0, no_cfg_frac=0.0),
+               ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, **FIT_B2),
     "L2": dict(data="latents", out="runs/L2", steps=200000, n_classes_per_step=128,
                gen_per_label=64, n_pos=64, n_unc=32, lr=4e-4, weight_decay=0.01, warmup=10000,
-               ema=0.999, cfg_power=3.0, no_cfg_frac=0.5),
+               ema=0.999, cfg_power=3.0, no_cfg_frac=0.5, micro_groups=2, grad_checkpoint=True),
     "B16": dict(data="images", out="runs/B16", steps=100000, n_classes_per_step=128,
                 gen_per_label=64, n_pos=128, n_unc=32, lr=2e-4, weight_decay=0.01, warmup=10000,
-                ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True),
+                ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True, **FIT_16),
     "L16": dict(data="images", out="runs/L16", steps=100000, n_classes_per_step=128,
                 gen_per_label=64, n_pos=128, n_unc=32, lr=4e-4, weight_decay=0.01, warmup=10000,
-                ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True),
+                ema=0.999, cfg_power=5.0, no_cfg_frac=0.0, augment=True, **FIT_16),
     # CPU presets. S4: MNIST-5k in 15 minutes with its MAE (README: the search). EMA 0.99 and
     # lr 2e-3 as a CPU run is 1200 steps, not 30k (the zero-initialized output starts gray and
     # moves ~lr per step toward the black background); all 10 classes in every step (3 per
@@ -187,9 +192,8 @@ def gen_flags(g):
       "snapshots/ (fid.py steps: FID vs step); 0 = off (small models only)")
     g("--sample-alpha", type=float, default=1.0, help="alpha of the grid")
     g("--micro-groups", type=micro_groups, help="class groups per forward/backward pass on "
-      "each rank, gradients accumulated; the drift loss's statistics stay the whole step's "
-      "(a no-grad pass first). Default: all of the rank's groups in one pass; auto: the most "
-      "that the memory plan fits on this GPU")
+      "each rank, gradients accumulated; the drift loss's statistics stay the whole step's. "
+      "None: all of the rank's groups in one pass; auto: the most that fit this GPU (probed)")
     g("--micro-stats", choices=["step", "pass"], default="step", help="with several passes: "
       "the drift loss's statistics of the whole step (exact, two no-grad sweeps first), or of "
       "each pass (cheaper; another loss)")

@@ -117,7 +117,7 @@ def gpu_row(preset, device, steps, compile_check, with_estimate):
     warm and `steps` timed steps of train.py's loop body by phase -> the table's row."""
     args, cfg, model, ema, opt, mae, phi, sampler = setup(preset, device)
     cuda = device.type == "cuda"
-    n = args.n_classes_per_step // 8 if cuda else args.n_classes_per_step
+    n = max(1, args.n_classes_per_step // 8)    # the per-GPU share of 8 GPUs
     amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
     spans, timed, seconds = phase_timer(cuda)
     gen, enc = timed("gen fwd", model), timed("encoder fwd", lambda x: features(phi, x))

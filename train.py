@@ -81,6 +81,14 @@ def setup_mae(args, images, labels, shape, world, rank, device):
     train_idx, held_idx = split_per_class(labels, max(1, args.holdout))
     check_data(args, cfg, shape, labels, world, n_train=len(train_idx))
     held_idx = held_idx[::max(1, len(held_idx) // 1000)]      # evaluate at most ~1000 items
+    with torch.device("meta"):      # DDP keeps weights, gradients, AdamW's moments and the EMA
+        need = 16 * sum(p.numel() for p in MAEResNet(cfg).parameters())    # on every GPU
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    if need > 0.9 * have > 0:
+        raise ValueError(f"--mae-model {args.mae_model}: {need / 16e9:.2f}B parameters need "
+                         f"{need / 1e9:.0f} GB on every GPU under DDP (weights, gradients, AdamW, "
+                         f"EMA), this GPU has {have / 1e9:.0f} GB; sharding them (FSDP) is not "
+                         f"built yet: convert the official MAE (convert.py), or a smaller one")
     torch.manual_seed(args.seed)                                # the same init on every rank
     model = MAEResNet(cfg)
     rank_seed = args.seed * world + rank

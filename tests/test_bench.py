@@ -52,14 +52,15 @@ def test_mae_flops_formula_matches_the_counted_convs(preset, size):
 
 
 def test_gpu_table_runs_on_a_cpu_with_the_tiny_preset(tmp_path):
-    """`python bench.py --only gpu --device cpu`: one row for S2 with a positive step time,
-    phase shares, the SDPA kernel the profiler saw, and the 1-process torchrun step ok; the
-    table is written to --out."""
+    """`python bench.py --only gpu --device cpu`: one row for S2 (its per-GPU share of 8 GPUs:
+    1 class group, one pass) with a positive step time, memory.py's estimate, phase shares,
+    the SDPA kernel the profiler saw, written to --out; and the 1-process torchrun step ok."""
     out = tmp_path / "gpu.md"
-    bench.bench_gpu("cpu", ["S2"], steps=1, compile_check=False, out=str(out))
-    text = out.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| S2 |"))
+    bench.bench_gpu(torch.device("cpu"), ["S2"], steps=1, compile_check=False, out=str(out),
+                    with_estimate=True)
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| S2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[3]) > 0 and cells[1] == "tiny" and cells[2].startswith("1 x (16, 16, 4)")
-    assert all(c.endswith("%") for c in cells[7:12]) and "flash_attention" in cells[12]
-    assert "2 steps + checkpoint: ok" in text
+    assert cells[1] == "tiny" and cells[2] == "1 x (16, 16, 4)" and cells[3] == "1 x 1"
+    assert float(cells[4]) > 0 and float(cells[7]) > 0
+    assert all(c.endswith("%") for c in cells[9:14]) and "flash_attention" in cells[14]
+    assert "2 steps + checkpoint: ok" in bench.torchrun_smoke(torch.device("cpu"))
