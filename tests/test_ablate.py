@@ -43,8 +43,9 @@ def test_ablation_table_runs_its_rows_and_skips_finished_ones(tmp_path, capsys):
 
 
 def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, capsys):
-    """`ablate.py mnist --ablation antisymmetry`: a run per row with the row's flags (recorded in
-    its checkpoint), a line per row with its FID and the paper's; a rerun reads fid.json and
+    """`ablate.py mnist --ablation antisymmetry`, two of its rows (--rows; each row is a
+    train.py process, ~15 s here): a run per row with the row's flags (recorded in its
+    checkpoint), a line per row with its FID and the paper's; a rerun reads fid.json and
     trains nothing; a row whose FID was lost is scored again from its weights (same number,
     no retraining); the table is written (a stand-in network for the Inception)."""
     from encoder import MAEConfig, MAEResNet
@@ -64,11 +65,12 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
     ref = np.random.default_rng(1).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
     mu_r, sigma_r, _ = fid.inception_stats(net, lambda ix: ref[ix], len(ref), 10)
     out = tmp_path / "tab1"
+    two = ["V+ only", "V+ - V-"]                                 # --rows: the table's order
     lines, failed = ablate.mnist_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r,
-                                       1, 10, "cpu")
+                                       1, 10, "cpu", rows=two)
     assert failed == []
-    assert [l.split(" | ")[0] for l in lines][::5] == ["| V+ - V-", "| V+ only"]
-    assert lines[0].endswith("| 8.46 |") and len(lines) == 6
+    assert [l.split(" | ")[0] for l in lines] == ["| V+ - V-", "| V+ only"]
+    assert lines[0].endswith("| 8.46 |") and lines[1].endswith("| 177.14 |")
     recorded = read_metadata(str(out / "V+_only"))[1]["args"]
     assert (recorded["repel"], recorded["attract"], recorded["fast_loss"]) == (0.0, 1.0, False)
     fids = [float(l.split(" | ")[1]) for l in lines]
@@ -76,23 +78,22 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
     stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     os.remove(out / "V+_only" / "fid.json")                     # as if killed while scoring
     again, _ = ablate.mnist_table("antisymmetry", str(out), train_args, net, mu_r, sigma_r, 1,
-                                  10, "cpu")
+                                  10, "cpu", rows=two)
     assert again == lines
     assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     np.savez(tmp_path / "ref.npz", mu=mu_r, sigma=sigma_r)
     monkeypatch.setattr(fid, "load_inception", lambda path, device="cpu": net)
     printed = ablate_cli(capsys, "mnist", "--ablation", "antisymmetry", "--weights", "W",
                   "--ref", str(tmp_path / "ref.npz"), "--out", str(out), "--per-class", "1",
-                  "--batch", "10", "--", *train_args)
+                  "--batch", "10", "--rows", *two, "--", *train_args)
     assert (out / "table.md").read_text().splitlines()[2:] == lines and lines[-1] in printed
     from PIL import Image
-    wide = Image.open(out / "ablation.png").size                # a panel per row: 6
-    # --rows: only the named rows, in the table's order (both finished above: nothing trains)
+    wide = Image.open(out / "ablation.png").size                # a panel per row: 2
+    # one row: finished above, nothing trains
     ablate_cli(capsys, "mnist", "--ablation", "antisymmetry", "--weights", "W", "--ref",
-        str(tmp_path / "ref.npz"), "--out", str(out), "--rows", "V+ only", "V+ - V-", "--",
-        *train_args)
-    assert (out / "table.md").read_text().splitlines()[2:] == [lines[0], lines[5]]
-    assert Image.open(out / "ablation.png").size[0] < wide[0] / 2          # 2 panels
+        str(tmp_path / "ref.npz"), "--out", str(out), "--rows", "V+ only", "--", *train_args)
+    assert (out / "table.md").read_text().splitlines()[2:] == [lines[1]]
+    assert Image.open(out / "ablation.png").size[0] < wide[0] * 0.75      # 1 panel
     assert stamps == {p: os.stat(p).st_mtime_ns for p in out.glob("*/model.safetensors")}
     with pytest.raises(SystemExit):
         ablate_cli(capsys, "mnist", "--ablation", "antisymmetry", "--weights", "W",

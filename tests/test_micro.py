@@ -79,18 +79,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_logged_loss_and_grad_norm_agree_with_micro_groups(files, tmp_path):
-    """train.py, 4 class groups, 2 steps: --micro-groups 1 and 3 log the loss and pre-clip
-    gradient norm of the one-pass run to 1e-4 relative (the issue's bound), and their
-    checkpoints record the same run (the flags are the run's "free" ones)."""
+    """train.py, 4 class groups, 2 steps: --micro-groups 3 (passes of 3 and 1) logs the loss,
+    pre-clip gradient norm and V^2 of the one-pass run to 1e-4 relative (the issue's
+    bound)."""
     rows = {}
-    for micro in (None, 1, 3):
+    for micro in (None, 3):
         out = tmp_path / f"m{micro}"
         extra = () if micro is None else ("--micro-groups", micro)
         train.main(gen_args(files, out, "--steps", 2, "--n-classes-per-step", 4, *extra,
                             mae=34))
         with open(out / "log.jsonl") as f:
             rows[micro] = [json.loads(line) for line in f]
-    for micro in (1, 3):
+    for micro in (3,):
         for a, b in zip(rows[micro], rows[None]):
             for k in ("loss", "gnorm", "V2_0.02"):
                 assert abs(a[k] - b[k]) / abs(b[k]) < 1e-4, (micro, k, a[k], b[k])
@@ -174,7 +174,7 @@ def test_memory_estimate_counts_the_weights_and_falls_with_the_plan():
     from encoder import MAE_models, MAEConfig
     n_mae = sum(p.numel() for p in MAEResNet(MAEConfig(**MAE_models["mnist"]),
                                              with_heads=False).parameters())
-    est = lambda **kw: memory.estimate("S4", 4, gen=32, pos=8, unc=4, mae="mnist", **kw)
+    est = lambda **kw: memory.estimate("S4", 2, gen=32, pos=8, unc=4, mae="mnist", **kw)
     whole, micro = est(), est(micro=1)
     assert whole["fixed"] == 16 * whole["params"] + 2 * n_mae
     assert micro["peak"] < 0.6 * whole["peak"]
