@@ -109,5 +109,5 @@ def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
             if backward:
                 loss.backward()
         loss_sum = loss_sum + loss.detach()
-    return loss_sum, {tau: sum(info[f"loss_{tau}"] for info in infos.values()) / len(infos)
+    return loss_sum, {tau: sum(info[f"loss_{tau}"] / len(infos) for info in infos.values())
                       for tau in taus}
