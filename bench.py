@@ -1,7 +1,7 @@
 """
 Benchmarks, printed as Markdown tables with the command line and the machine in the header.
 
-  python bench.py                 # everything below but gpu (about 12 minutes on 2 cores)
+  python bench.py                 # all but gpu: ~8 min on 2 cores, + 5.5 for step (2026-12-07)
   python bench.py --only loss     # drift loss value+grad vs its matmul floor
   python bench.py --only memory   # peak memory of drift_loss, whole vs chunked (subprocesses)
   python bench.py --only models   # generator forward+backward of the tiny presets
@@ -349,7 +349,7 @@ def bench_step(repeat=7):
     counts = {}
     for groups in (1, 16, 2):
         calls, n = l2_loss_calls(groups)
-        counts[groups] = a, b = calls.values()
+        counts[groups] = a, b = tuple(calls.values())
         if groups != 2:
             print(f"| drift-loss operators per step, L2, {groups} group(s) per GPU in one pass, "
                   f"{n} feature groups (fake tensors) | {a} | {b} | {b / a:.3f} |")

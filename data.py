@@ -96,13 +96,15 @@ def _choose(n, k, g):
     draws: the same law (each ordered k-tuple of distinct indices alike), without permuting
     all n (1.28M labels: ~56 ms per draw). NOTE: small sets keep the permutation, so the
     runs of the docs (MNIST) draw what they drew."""
-    if k > n or n <= 2 ** 16:
-        return torch.randperm(n, generator=g)[:k] if k <= n else torch.randint(n, (k,), generator=g)
+    if k > n:
+        return torch.randint(n, (k,), generator=g)
+    if n <= 2 ** 16:
+        return torch.randperm(n, generator=g)[:k]
     idx = torch.randint(n, (2 * k,), generator=g)
     while True:
-        seen, first = torch.unique(idx, return_inverse=True)         # first occurrences, in order
-        first = torch.full((len(seen),), len(idx)).scatter_reduce_(0, first, torch.arange(
-            len(idx)), "amin").sort().values
+        seen, inverse = torch.unique(idx, return_inverse=True)
+        first = torch.full((len(seen),), len(idx)).scatter_reduce_(0, inverse, torch.arange(
+            len(idx)), "amin").sort().values                     # first occurrences, in order
         if len(first) >= k:
             return idx[first[:k]]
         idx = torch.cat([idx, torch.randint(n, (2 * k,), generator=g)])

@@ -69,9 +69,10 @@ class PeakBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 ref = StorageWeakRef(t.untyped_storage())
-                if ref.cdata in self.live and not self.live[ref.cdata][0].expired():
-                    continue                        # a view, or an in-place op's output
-                self.free() if ref.cdata in self.live else None
+                if ref.cdata in self.live:          # a view, an in-place op's output, or
+                    if not self.live[ref.cdata][0].expired():     # a freed storage's address
+                        continue
+                    self.free()
                 n = t.untyped_storage().nbytes()
                 self.live[ref.cdata] = (ref, n)
                 self.now += n
@@ -156,7 +157,8 @@ def plan(micro, n, device, try_step, group=None):
 
 
 def recipe_numbers(model, world=8):
-    """A recipe's per-GPU step on `world` GPUs: (class groups, N_neg, N_pos, N_unc, MAE, ConvNeXt)."""
+    """A recipe's per-GPU step on `world` GPUs: (class groups, N_neg, N_pos, N_unc, MAE,
+    ConvNeXt)."""
     r = RECIPES[model]
     return (r["n_classes_per_step"] // world, r["gen_per_label"], r["n_pos"], r["n_unc"],
             "pixel_640" if r["data"] == "images" else "latent_640",

@@ -160,11 +160,11 @@ def setup_gen(args, images, labels, shape, world, rank, device):
 
 
 # --- Helpers of the loop: the passes of a step, the held-out metrics, the stop flag ---
-def plan_passes(args, s, raw, amp, batch, device, group, loss_kw):
+def plan_passes(args, s, raw, amp, draw, device, group, loss_kw):
     """--micro-groups -> this rank's class groups per forward/backward pass (memory.plan:
-    auto probes the GPU with this step's draw); rank 0 prints the plan."""
+    auto probes the GPU with draw(), the first step's draw); rank 0 prints the plan."""
     def try_step(m):                # no DDP, no all-reduce: a rank out of memory stops alone
-        generator_step(raw, raw, s.phi, batch, m, True, s.cached, amp, **loss_kw)
+        generator_step(raw, raw, s.phi, draw(), m, True, s.cached, amp, **loss_kw)
         raw.zero_grad(set_to_none=True)
     micro, peak = plan(args.micro_groups, len(s.mine), device, try_step, group)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -260,7 +260,7 @@ def main(argv=None):
             loss.backward()
         return loss, info
 
-    micro = plan_passes(args, s, raw, amp, draw(start), device, stop_group, loss_kw) if (
+    micro = plan_passes(args, s, raw, amp, lambda: draw(start), device, stop_group, loss_kw) if (
         args.stage == "gen") else None              # --micro-groups: class groups per pass
 
     # -- the loop: draw, loss, backward, clip, AdamW, EMA; log, evaluate, save --

@@ -57,7 +57,7 @@ def test_gpu_table_runs_on_a_cpu_with_the_tiny_preset(tmp_path):
     the SDPA kernel the profiler saw, written to --out; and the 1-process torchrun step ok."""
     out = tmp_path / "gpu.md"
     bench.bench_gpu(torch.device("cpu"), ["S2"], steps=1, compile_check=False, out=str(out),
-                    with_estimate=True)             # memory.py's estimate: tests/test_micro.py
+                    with_estimate=True)     # the column; memory.estimate: tests/test_micro.py
     row = next(line for line in out.read_text().splitlines() if line.startswith("| S2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "tiny" and cells[2] == "1 x (16, 16, 4)" and cells[3] == "1 x 1"
