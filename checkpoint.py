@@ -1,5 +1,5 @@
 """
-The one checkpoint format of this repo, and the run folder that holds it.
+The one checkpoint format of this repo (the run folder that holds it: runfolder.py).
 
 A checkpoint is ONE model.safetensors: tensors by state_dict name, the EMA under "ema/", a
 training run's optimizer and per-rank RNG states under "train/"; metadata {"kind", "config":
@@ -8,18 +8,16 @@ JSON, "sha256": {tensor: digest}, "train": JSON of the rest of the train state, 
 fsync and rename (the previous file stands until the new one is whole), verified on read (every
 tensor against its recorded sha256, finite). Kinds: "gen" (models.DriftDiT), "mae"
 (encoder.MAEResNet), "mlp" (toy.py); written by train.py, toy.py and convert.py, read by
-sample.py, fid.py, ablate.py and train.py --resume.
+sample.py, fid.py, ablate.py and train.py --resume. FSDP runs write the same whole file.
 
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2); the official code's
 utils/ckpt_util.py keeps flax msgpack files instead (convert.py reads those).
 """
-import ctypes
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
+import sys
 from dataclasses import asdict
 
 import torch
@@ -60,17 +58,19 @@ def unpack(tree, tensors):
 
 def save_checkpoint(model, path, kind="gen", ema=None, config=None, train_state=None,
                     **meta):
-    """Write `model`'s weights (+ `ema`'s under "ema/") and config (default: the model's
-    config dataclass) to one file, `path`. A training run also passes `train_state` (optimizer
-    state, step, RNG states, history: tensors under "train/", the rest as JSON), so weights
-    and state can never be from different steps. Every tensor's sha256 goes into the metadata.
-    Refuses non-finite tensors (a poisoned checkpoint is worse than none). Atomic: written to
-    path.tmp, fsynced, renamed over `path`, the folder fsynced; until the rename the previous
-    file stands, and any failure (full disk, Ctrl-C) removes the temp and keeps it."""
+    """Write `model`'s weights (+ `ema`'s under "ema/"; each a module or its state dict) and
+    config (default: the model's config dataclass) to one file, `path`. A training run also
+    passes `train_state` (optimizer state, step, RNG states, history: tensors under "train/",
+    the rest as JSON), so weights and state can never be from different steps. Every tensor's
+    sha256 goes into the metadata. Refuses non-finite tensors (a poisoned checkpoint is worse
+    than none). Atomic: written to path.tmp, fsynced, renamed over `path`, the folder
+    fsynced; until the rename the previous file stands, and any failure (full disk, Ctrl-C)
+    removes the temp and keeps it."""
     from safetensors.torch import save_file  # lazy: models.py itself needs only torch
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = lambda m: m if isinstance(m, dict) else m.state_dict()    # a module or its state
+    sd = {k: v.detach().contiguous().cpu() for k, v in weights(model).items()}
     if ema is not None:
-        sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+        sd.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in weights(ema).items()})
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()), 0)
     if bad:
         raise FloatingPointError(f"{path}: not written, tensor {bad!r} holds NaN or inf")
@@ -204,10 +204,12 @@ def load_training_checkpoint(run_dir, raw, ema, meta, strict=True):
         if saved.get(key) != now[key]:
             raise ValueError(f"--resume: {run_dir} has {key} {saved.get(key)}, but this run has "
                              f"{meta[key]}; pass the flags it was trained with or a new --out")
+    mine, ema_mine = raw.state_dict(), ema.state_dict()        # FSDP: this rank's shards
     try:
-        raw.load_state_dict({k: v for k, v in tensors.items()
+        raw.load_state_dict({k: like(v, mine.get(k)) for k, v in tensors.items()
                              if not k.startswith(("ema/", "train/"))})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        ema.load_state_dict({k[4:]: like(v, ema_mine.get(k[4:])) for k, v in tensors.items()
+                             if k.startswith("ema/")})
     except RuntimeError as e:                           # a tensor of another shape or name
         raise ValueError(f"--resume: {run_dir}: its weights do not fit this run's model "
                          f"({str(e).splitlines()[-1].strip()}); pass a new --out") from e
@@ -237,9 +239,40 @@ def write_atomic(out, write):
             os.remove(tmp)
 
 
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
 # ------------------------------------------------------------------------------------------
-# A training run: resume (weights, optimizer, per-rank RNG) and the run folder
+# A training run: FSDP shards, resume (weights, optimizer, per-rank RNG), the save
 # ------------------------------------------------------------------------------------------
+def sharded(t):
+    """An FSDP shard (a DTensor)? Asked without importing torch.distributed.tensor (~1 s):
+    until train.shard imports it, nothing is one."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(t, tensor.DTensor)
+
+
+def full(t, keep=True, device=None):
+    """An FSDP shard (DTensor) -> the whole tensor, all-gathered (every rank takes part), on
+    `device` where keep, None elsewhere; another tensor as it is."""
+    t = t.full_tensor() if sharded(t) else t
+    return t.to(device) if keep else None
+
+
+def like(t, ref):
+    """A whole tensor -> this rank's shard of it if ref is an FSDP shard (no communication)."""
+    if not (sharded(ref) and t.shape == ref.shape):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
 def rng_states(streams, device, world):
     """This rank's random streams (its data sampler's, torch's, CUDA's) -> the list over all
     ranks that the checkpoint keeps (all_gather under DDP), so a resumed run draws what an
@@ -259,6 +292,9 @@ def resume_run(run_dir, raw, ema, opt, meta, streams, rank, world, device, stric
     this rank's random streams restored when the run had as many ranks -> (step, history,
     the partial sums of a log row that a stop interrupted, or None)."""
     state = load_training_checkpoint(run_dir, raw, ema, meta, strict=strict)
+    params = [p for group in opt.param_groups for p in group["params"]]   # FSDP: AdamW's m, v
+    state["optimizer"]["state"] = {i: {k: like(v, params[i]) for k, v in moments.items()}
+                                   for i, moments in state["optimizer"]["state"].items()}
     opt.load_state_dict(state["optimizer"])
     if len(state["rng"]) == world:                              # this rank's streams go on
         torch.set_rng_state(state["rng"][rank]["torch"])
@@ -274,110 +310,6 @@ def resume_run(run_dir, raw, ema, opt, meta, streams, rank, world, device, stric
     return state["step"], state["history"], state.get("pending")
 
 
-# The run folder holds one run: --overwrite replaces it as a unit (the new run writes to
-# OUT.next until its first checkpoint, then takes OUT's place in one rename), --resume
-# continues it, and a lock (.OUT.lock beside it) keeps a second process out.
-LOCKS = {}      # this process's run-folder locks: a rerun in the same process takes its own over
-
-
-def claim_run_folder(out, resume, overwrite):
-    """Rank 0, before any work: the lock on OUT (fcntl.flock of .OUT.lock beside it: the kernel
-    drops it when the process ends, so a killed run leaves no stuck lock); an interrupted
-    replacement undone or finished; the refusals (a run in OUT without --resume or
-    --overwrite, one stopped before its first checkpoint). -> the folder this run writes until
-    its first checkpoint: OUT, or OUT.next when --overwrite replaces a run."""
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    if out in LOCKS:
-        LOCKS.pop(out).close()
-    path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
-    lock = open(path, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise ValueError(f"--out {out}: another process is running in this folder ({path} is "
-                         f"locked); wait for it to end, or pass another --out") from None
-    LOCKS[out] = lock
-    if os.path.isdir(out + ".old"):                     # a replacement killed half-way:
-        if os.path.isdir(out):
-            shutil.rmtree(out + ".old")                 # the new run had taken OUT's place
-        else:
-            os.replace(out + ".old", out)               # the old run goes back
-    if os.path.isdir(out + ".next"):
-        shutil.rmtree(out + ".next")                    # a replacement that never saved
-    has = lambda f: os.path.exists(os.path.join(out, f))
-    if not resume and not overwrite and has("model.safetensors"):
-        raise ValueError(f"--out {out} holds another run; pass --resume to continue it, "
-                         f"--overwrite to replace it, or a new --out")
-    if not resume and not overwrite and has("log.txt"):
-        raise ValueError(f"--out {out} holds a run stopped before its first checkpoint (log.txt, "
-                         f"no model.safetensors): nothing to resume; pass --overwrite to start "
-                         f"it again, or a new --out")
-    if overwrite and not resume and any(map(has, ("model.safetensors", "log.txt", "snapshots"))):
-        print(f"--overwrite: the new run writes to {out}.next until its first checkpoint, then "
-              f"replaces {out} whole (until then {out} holds the old run)")
-        return out + ".next"
-    return out
-
-
-def replace_run(new, out):
-    """--overwrite's commit, right after the new run's first checkpoint: its folder takes
-    OUT's place in one step (renameat2 RENAME_EXCHANGE), then the old run is deleted. Where
-    the file system cannot exchange: OUT -> OUT.old, new -> OUT (a kill in between leaves
-    OUT.old, which claim_run_folder puts back). -> OUT."""
-    out, old = os.path.abspath(out), os.path.abspath(new)
-    libc = ctypes.CDLL(None, use_errno=True)
-    exchanged = hasattr(libc, "renameat2") and libc.renameat2(
-        -100, os.fsencode(new), -100, os.fsencode(out), 2) == 0     # AT_FDCWD, RENAME_EXCHANGE
-    if not exchanged:
-        old = out + ".old"
-        os.replace(out, old)
-        os.replace(new, out)
-    fsync_folder(os.path.dirname(out))                  # the new name is durable ...
-    shutil.rmtree(old)                                  # ... before the old run goes
-    return out
-
-
-def fsync_folder(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def prepare_run_folder(out, resume, start, snapshots):
-    """Rank 0, once every input has been checked: the folder made, a save killed half-way
-    cleaned up, a fresh log; resuming, the log.jsonl rows after the checkpoint's step dropped
-    (those steps rerun), rewritten through a temp file: a kill leaves the old rows or the new.
-    A torn last row (a full disk or a kill mid-write) is dropped with a note."""
-    ckpt, log, jsonl = (os.path.join(out, f) for f in ("model.safetensors", "log.txt",
-                                                          "log.jsonl"))
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(ckpt + ".tmp"):
-        os.remove(ckpt + ".tmp")                                # a save killed half-way
-    if snapshots:
-        os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
-    if not resume:
-        open(log, "w").close()                                  # a fresh run, a fresh log
-    lines = open(jsonl).read().splitlines() if resume and os.path.exists(jsonl) else []
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{jsonl}: line {i + 1} is not JSON ({line[:40]!r}); fix or "
-                                 f"delete that line, then --resume again") from None
-            print(f"NOTE: {jsonl}: its last line was cut off (a full disk or a kill while it "
-                  f"was written); dropped, the step reruns")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
-    write_atomic(jsonl, write)
-
 
 def check_update(raw, ema, loss_after, done, ddp, device):
     """Before a save: the update must have left usable weights, every weight and EMA tensor
@@ -386,14 +318,16 @@ def check_update(raw, ema, loss_after, done, ddp, device):
     run's streams, so a resumed run stays exact. -> what is wrong, or None."""
     with torch.no_grad(), torch.random.fork_rng([device] if device.type == "cuda" else []):
         after = loss_after().detach().float().reshape(1)
+    weights = [*raw.state_dict().items(), *(("ema/" + k, t) for k, t in ema.state_dict().items())]
+    local = lambda t: t.to_local() if sharded(t) else t     # FSDP: this rank's shard
+    bad = [k for k, t in weights if t.is_floating_point() and not local(t).isfinite().all()]
+    after = torch.cat([after, after.new_tensor([len(bad)])])  # [loss, this rank's bad tensors]
     if ddp:
         torch.distributed.all_reduce(after, op=torch.distributed.ReduceOp.AVG)
-    weights = [*raw.state_dict().items(), *(("ema/" + k, t) for k, t in ema.state_dict().items())]
-    bad = [k for k, t in weights if t.is_floating_point() and not t.isfinite().all()]
-    if bad or not math.isfinite(after.item()):
-        return f"after the update of step {done}, " + (
-            f"tensor {bad[0]!r} holds NaN or inf" if bad else
-            f"the weights give a loss of {after.item()} on the same batch")
+    if after[1] > 0 or not math.isfinite(after[0].item()):
+        where = repr(bad[0]) if bad else "of another rank"
+        return f"after the update of step {done}, " + (f"tensor {where} holds NaN or inf" if (
+            after[1] > 0) else f"the weights give a loss of {after[0].item()} on the same batch")
     return None
 
 
@@ -403,15 +337,20 @@ def save_training(path, raw, ema, opt, step, meta, history, streams, world, devi
     writes raw + EMA weights, optimizer, step, RNG states, history (and `pending`: a stop's
     partial log row, {sums, n}) as ONE checkpoint. -> None, or what is wrong with the
     weights (then nothing is written)."""
-    ddp = world > 1
-    bad = check_update(raw, ema, loss_after, step, ddp, device)
+    bad = check_update(raw, ema, loss_after, step, world > 1, device)
     if bad:
         return bad
     rngs = rng_states(streams, device, world)                   # every rank's, for --resume
-    if not ddp or torch.distributed.get_rank() == 0:
-        save_checkpoint(raw, path, meta["kind"], ema=ema, step=step, args=meta["args"],
-                        data=meta["data"], train_state=dict(
-                            optimizer=opt.state_dict(), step=step, rng=rngs, history=history,
+    master, optimizer = world == 1 or torch.distributed.get_rank() == 0, opt.state_dict()
+    if any(map(sharded, raw.parameters())):                     # FSDP: gathered tensor by
+        keep = lambda t: full(t, master, "cpu")                # tensor, kept by rank 0
+        raw, ema = ({k: keep(v) for k, v in m.state_dict().items()} for m in (raw, ema))
+        optimizer["state"] = {i: {k: keep(v) for k, v in moments.items()}
+                              for i, moments in optimizer["state"].items()}
+    if master:
+        save_checkpoint(raw, path, meta["kind"], ema=ema, config=json.loads(meta["config"]),
+                        step=step, args=meta["args"], data=meta["data"], train_state=dict(
+                            optimizer=optimizer, step=step, rng=rngs, history=history,
                             **({} if pending is None else dict(pending=pending))))
     return None
 

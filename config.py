@@ -79,7 +79,7 @@ DATA = ["mnist5k", "latents", "images"]
 # where it runs); any other change needs --change-args, as the run would stop being the same.
 FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
         "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every",
-        "cache_features", "micro_groups", "grad_checkpoint"}
+        "cache_features", "micro_groups", "grad_checkpoint", "fsdp"}
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
             "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
 NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
@@ -139,6 +139,9 @@ def make_parser(recipe, description=None):
     g("--mae-model", choices=list(MAE_models), default="mnist", help="encoder.MAE_models preset "
       "and its recipe (mnist, mnist_pixel: the CPU one; the others: the paper's)")
     g("--batch", type=int, help="mae: global batch, split over the ranks (gen: N_c * N_neg)")
+    g("--fsdp", choices=["auto", "on", "off"], default="auto", help="mae under torchrun: shard "
+      "weights, gradients, AdamW and EMA over the ranks (FSDP2); auto: on CUDA when DDP's 16 "
+      "B/param would not fit the GPU. Either way the checkpoint is one whole file")
     g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
     g("--cls-lambda", type=float, default=0.1, help="final lambda of lam*CE + (1-lam)*L_rec")
@@ -261,6 +264,9 @@ def parse_args(argv=None, description=None):
                      f"are in field.drift_loss only; add --no-fast-loss")
     if args.sinkhorn_iters < 1:
         parser.error(f"--sinkhorn-iters {args.sinkhorn_iters}: must be >= 1")
+    if args.fsdp == "on" and (args.stage != "mae" or "RANK" not in os.environ):
+        parser.error("--fsdp on: for --stage mae under torchrun (several processes share the "
+                     "MAE's state); the generator's ranks keep whole copies (DDP)")
     if args.stage == "gen":
         args.batch = args.n_classes_per_step * args.gen_per_label   # generated per step: img/s
     return args

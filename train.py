@@ -39,15 +39,17 @@ from tqdm import tqdm
 import field
 import field_fast
 from cache import embed_all, open_data
-from checkpoint import (claim_run_folder, file_sha256, prepare_run_folder, read_checkpoint,
-                        replace_run, resume_run, save_training, stopped, weights_sha256)
+from checkpoint import (file_sha256, full, read_checkpoint, resume_run, save_training, stopped,
+                        weights_sha256)
 from config import PRESET, check_data, cls_lambda, draw_numbers, lr_at, parse_args
 from convnext import convnext_from_hf, pixel_feature_groups
 from data import Prefetch, TensorSampler, draw_groups, split_per_class, subset
-from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet, mae_from_state
+from encoder import (ACTIVATION_KWARGS, MAE_models, BasicBlock, MAEConfig, MAEResNet, UpBlock,
+                     mae_from_state)
 from memory import plan
 from metrics import held_out, progress, write_log
 from models import DriftDiT, DriftDiT_models, DriftDiTConfig, update_ema
+from runfolder import claim_run_folder, prepare_run_folder, replace_run
 from sample import finish_gen, finish_mae, generate, pictures
 from step import generator_step
 
@@ -84,19 +86,48 @@ def setup_mae(args, images, labels, shape, world, rank, device):
     with torch.device("meta"):      # DDP keeps weights, gradients, AdamW's moments and the EMA
         need = 16 * sum(p.numel() for p in MAEResNet(cfg).parameters())    # on every GPU
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    if need > 0.9 * have > 0:
+    fsdp = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and need > 0.9 * have > 0)
+    if need / (world if fsdp else 1) > 0.9 * have > 0:        # FSDP: 1/world of it per GPU
         raise ValueError(f"--mae-model {args.mae_model}: {need / 16e9:.2f}B parameters need "
-                         f"{need / 1e9:.0f} GB on every GPU under DDP (weights, gradients, AdamW, "
-                         f"EMA), this GPU has {have / 1e9:.0f} GB; sharding them (FSDP) is not "
-                         f"built yet: convert the official MAE (convert.py), or a smaller one")
+                         f"{need / 1e9:.0f} GB (weights, gradients, AdamW, EMA), "
+                         f"{need / world / 1e9 if fsdp else need / 1e9:.0f} GB per GPU "
+                         f"{'sharded over' if fsdp else 'under DDP with'} {world} ranks; this "
+                         f"GPU has {have / 1e9:.0f} GB: use more GPUs under torchrun (--fsdp "
+                         f"auto shards the state), convert the official MAE, or a smaller one")
     torch.manual_seed(args.seed)                                # the same init on every rank
     model = MAEResNet(cfg)
     rank_seed = args.seed * world + rank
     sampler = TensorSampler(subset(images, train_idx), labels[train_idx], rank_seed)
     torch.manual_seed(rank_seed)                                # masks: one stream per rank
     return SimpleNamespace(model=model, cfg=cfg, sampler=sampler, streams={"data": sampler},
-                           info=dict(holdout=args.holdout), images=images,
+                           info=dict(holdout=args.holdout), images=images, fsdp=fsdp,
                            train_idx=train_idx, held_idx=held_idx)
+
+
+def shard(model, device):
+    """--fsdp (the paper-size MAE stage): PyTorch FSDP2. Every BasicBlock / UpBlock, then the
+    rest of the model, keeps 1/world of its weights on each rank, and so of its gradients,
+    AdamW's moments and (the EMA sharded alike) the EMA; a block's weights are all-gathered
+    for its forward and again for its backward, then freed; gradients are reduce-scattered
+    (averaged, as DDP's all-reduce). The same loss and updates as DDP: tests/test_train_mae."""
+    from torch.distributed.fsdp import fully_shard          # here: a 1 s import, MAE runs only
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.modules():
+        if isinstance(block, (BasicBlock, UpBlock)):
+            fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def unshard(model, keep, device):
+    """A sharded MAE -> on the rank that keeps it, a whole copy (the others get None): the
+    final evaluation runs on rank 0 alone. Every rank calls it (each tensor is gathered)."""
+    state = {k: full(v, keep) for k, v in model.state_dict().items()}   # None where not keep
+    if not keep:
+        return None
+    with torch.device("meta"):
+        whole = MAEResNet(model.cfg)
+    whole.load_state_dict(state, assign=True)
+    return whole.to(device).train(model.training)
 
 
 def load_encoder(args, cfg, device):
@@ -152,7 +183,7 @@ def setup_gen(args, images, labels, shape, world, rank, device):
     ahead = Prefetch(lambda step: draw_groups(sampler, cfg, step, mine, **draw_numbers(args)),
                      device)            # the next step's draw, made while this one runs
     return SimpleNamespace(model=model, cfg=cfg, sampler=sampler, streams={}, phi=phi, real=real,
-                           cached=cached, mine=mine, ahead=ahead,
+                           cached=cached, mine=mine, ahead=ahead, fsdp=False,
                            info=dict(mae=args.mae_ckpt, mae_sha256=weights_sha256(args.mae_ckpt),
                                      convnext=args.convnext, convnext_sha256=file_sha256(
                                          args.convnext), holdout=args.holdout if args.eval_every
@@ -214,6 +245,8 @@ def main(argv=None):
     # -- optimizer, EMA, resume, DDP --
     raw = s.model.to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    if s.fsdp:                      # --fsdp: each rank keeps 1/world of the state
+        raw, ema = shard(raw, device), shard(ema, device)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
     start, history, pending = 0, [], None
@@ -224,7 +257,7 @@ def main(argv=None):
         update_ema(ema, raw, 0.0)
     saved_at = start or None
     net = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True) if ddp else raw     # grads live in the buckets
+              gradient_as_bucket_view=True) if ddp and not s.fsdp else raw    # grads: buckets
     if args.compile:                # opt-in: minutes of compiling first, then faster steps
         net = torch.compile(net)
     raw.train()                     # important: the MAE masks and the generator's dropout
@@ -275,8 +308,8 @@ def main(argv=None):
         batch = draw(step)
         opt.zero_grad(set_to_none=True)
         loss, info = losses(net, batch, step)       # forward and backward (micro-batches)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(),
-                                               args.clip if args.clip > 0 else math.inf)
+        gnorm = full(torch.nn.utils.clip_grad_norm_(raw.parameters(),  # FSDP: a DTensor
+                                                    args.clip if args.clip > 0 else math.inf))
         opt.step()
         update_ema(ema, raw, args.ema)
         for k, v in dict(loss=loss.detach(), gnorm=gnorm, **info).items():
@@ -329,6 +362,8 @@ def main(argv=None):
     summary = dict(step=args.steps, **{k: v for k, v in history[-1].items() if k != "step"})
     if master and args.stage == "gen":
         finish_gen(args, out, history)
+    if s.fsdp:                      # rank 0 evaluates alone: whole copies
+        raw, ema = unshard(raw, master, device), unshard(ema, master, device)
     if master and args.stage == "mae":
         summary = finish_mae(args, out, raw, ema, s, history, device)
     if master:

@@ -173,8 +173,8 @@ def test_5_a_second_process_is_locked_out_and_a_killed_one_leaves_no_lock(files,
     run = tmp_path / "run"
     shutil.copytree(run_a, run)
     before = tree(run)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; "
-                               f"checkpoint.claim_run_folder({str(run)!r}, True, False); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runfolder; "
+                               f"runfolder.claim_run_folder({str(run)!r}, True, False); "
                                "print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
