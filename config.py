@@ -28,7 +28,9 @@ FIT_B2, FIT_16 = dict(micro_groups=3, grad_checkpoint=True), dict(micro_groups=1
 RECIPES = {
     # App. A.3, configs/mae/latent_ablation_256.yaml: constant lr after a linear warmup
     "mae": dict(data="latents", out="runs/mae", steps=30000, batch=8192, lr=4e-3, warmup=4000,
-                weight_decay=0.01, ema=0.9995),
+                weight_decay=0.01, ema=0.9995, micro_batch=256),
+    # ^ micro_batch: on 8 x 80 GB, 1024 samples per GPU in 4 passes of 256 (latent_640 under
+    # FSDP: an estimated 57 GiB per GPU, 179 GiB in one pass; docs/memory.md)
     # --mae-model mnist (CPU, MNIST-5k's 4,500 training digits): the paper's batch 8192 would
     # be ~2 epochs per step and ~20 GB; 400 steps of 64 take ~1 min on 2 cores, and the S4
     # generator trained on the per-pixel 400-step MAE was no worse than on 800 steps (README)
@@ -79,9 +81,10 @@ DATA = ["mnist5k", "latents", "images"]
 # where it runs); any other change needs --change-args, as the run would stop being the same.
 FREE = {"steps", "log_every", "ckpt_every", "sample_every", "sample_alpha", "device", "compile",
         "ddp_timeout", "out", "resume", "overwrite", "change_args", "snapshot_every",
-        "cache_features", "micro_groups", "grad_checkpoint", "fsdp"}
+        "cache_features", "micro_groups", "grad_checkpoint", "fsdp", "micro_batch"}
 POSITIVE = ["steps", "log_every", "ckpt_every", "batch", "holdout", "n_classes_per_step",
-            "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout"]
+            "gen_per_label", "n_pos", "image_size", "cls_ramp", "lr", "ddp_timeout",
+            "micro_batch"]
 NON_NEGATIVE = ["warmup", "weight_decay", "n_unc", "sample_every", "cfg_power", "no_cfg_frac",
                 "eval_every", "snapshot_every", "seed", "attract", "repel", "cls_lambda"]
 POSITIVE += ["eval_n"]
@@ -140,8 +143,10 @@ def make_parser(recipe, description=None):
       "and its recipe (mnist, mnist_pixel: the CPU one; the others: the paper's)")
     g("--batch", type=int, help="mae: global batch, split over the ranks (gen: N_c * N_neg)")
     g("--fsdp", choices=["auto", "on", "off"], default="auto", help="mae under torchrun: shard "
-      "weights, gradients, AdamW and EMA over the ranks (FSDP2); auto: on CUDA when DDP's 16 "
+      "weights, gradients, AdamW and EMA over the ranks (FSDP2); auto: on CUDA when DDP's 20 "
       "B/param would not fit the GPU. Either way the checkpoint is one whole file")
+    g("--micro-batch", type=int, help="mae: samples per forward/backward pass on each rank, "
+      "gradients accumulated (the same step); None: the rank's whole share at once")
     g("--cls-start", type=int, default=-1, help="first step of the cls fine-tune; -1 = never")
     g("--cls-ramp", type=int, default=1000, help="steps of the linear lambda ramp")
     g("--cls-lambda", type=float, default=0.1, help="final lambda of lam*CE + (1-lam)*L_rec")

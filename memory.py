@@ -14,6 +14,7 @@ allocated as the run allocates them. Not counted: the CUDA context, cuBLAS and N
 the caching allocator's fragmentation; a plan keeps 10% of the GPU for them. An estimate.
 
     python memory.py          # the paper's recipes on 8 x 80 GB: before and with their plans
+    python memory.py --models --mae-batch 128 256 512 1024  # the MAE stage under FSDP
 """
 import argparse
 
@@ -28,7 +29,7 @@ import field
 import field_fast
 from config import RECIPES
 from convnext import ConvNeXt_models, ConvNeXtV2, pixel_feature_groups
-from encoder import ACTIVATION_KWARGS, MAE_models, MAEConfig, MAEResNet
+from encoder import ACTIVATION_KWARGS, MAE_models, BasicBlock, MAEConfig, MAEResNet, UpBlock
 from models import DriftDiT, DriftDiT_models, DriftDiTConfig
 from step import generator_step
 
@@ -117,6 +118,33 @@ def estimate(model, groups, micro=None, gen=64, pos=64, unc=32, mae="latent_640"
     return dict(peak=mem.peak, fixed=fixed, params=sum(p.numel() for p in params))
 
 
+def estimate_mae(mae="latent_640", batch=1024, world=8, size=None):
+    """Bytes at the peak of one --stage mae step on one of `world` GPUs under FSDP (train.py
+    --fsdp), `batch` samples per GPU, bf16 autocast. The sharded state is counted, not run:
+    fp32 weights, gradients, AdamW's two moments and the EMA, 20 bytes per parameter over the
+    ranks, plus 3 copies of the largest block's fp32 weights (FSDP's gathered block, the next
+    one prefetched, the block's gradient before its reduce-scatter). The activations are run
+    on fake tensors with the weights outside the counter and frozen: the backward makes every
+    activation's gradient (the input requires one) and autocast's bf16 weight copies are kept
+    for it, as on a GPU, with no weight gradient. -> {"peak", "state", "params"} (bytes)."""
+    cfg = MAEConfig(**MAE_models[mae])
+    size = size or {4: 32, 3: 256, 1: 28}[cfg.in_channels]     # latents, pixels, MNIST
+    with torch.device("meta"):
+        model = MAEResNet(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    block = max(sum(p.numel() for p in m.parameters()) for m in model.modules()
+                if isinstance(m, (BasicBlock, UpBlock)))
+    state = 20 * n // world + 3 * 4 * block
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu").train().requires_grad_(False)
+        x = torch.randn(batch, cfg.in_channels, size, size, requires_grad=True)
+        with PeakBytes() as mem, CudaFloat32Ops():
+            with torch.autocast("cpu", torch.bfloat16):
+                loss, _ = model(x, torch.zeros(batch, dtype=torch.long), 0.0)
+            loss.backward()
+    return dict(peak=state + mem.peak, state=state, params=n)
+
+
 def largest(n, fits):
     """The largest N in 1..n for which fits(N) holds, fits being true up to some N and false
     above it; by bisection (about log2(n) calls). 1 when nothing fits (the run then fails on
@@ -168,12 +196,15 @@ def recipe_numbers(model, world=8):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["L2", "B2", "L16"])
+    p.add_argument("--models", nargs="*", default=["L2", "B2", "L16"])
+    p.add_argument("--mae-batch", type=int, nargs="*", default=[],
+                   help="also the MAE stage (latent_640, FSDP) at these samples per GPU")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4])
     args = p.parse_args()
-    print("| recipe | groups/GPU | micro | checkpointing | MAE dtype | fixed GiB | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    if args.models:
+        print("| recipe | groups/GPU | micro | checkpointing | MAE dtype | fixed GiB | peak GiB |")
+        print("|---|---|---|---|---|---|---|")
     for model in args.models:
         groups, gen, pos, unc, mae, cn = recipe_numbers(model, args.gpus)
         rows = [(None, False, False)] + [(m, True, True) for m in args.micro]
@@ -182,3 +213,9 @@ if __name__ == "__main__":
             print(f"| {model} | {groups} | {micro or groups} | {remat} | "
                   f"{'bf16' if bf16 else 'fp32'} | {e['fixed'] / GiB:.1f} | "
                   f"{e['peak'] / GiB:.1f} |", flush=True)
+    if args.mae_batch:
+        print(f"\n| MAE latent_640, FSDP over {args.gpus} GPUs: samples per pass | state GiB "
+              f"(sharded, + gathered blocks) | peak GiB |\n|---|---|---|")
+    for batch in args.mae_batch:
+        e = estimate_mae("latent_640", batch, args.gpus)
+        print(f"| {batch} | {e['state'] / GiB:.1f} | {e['peak'] / GiB:.1f} |", flush=True)

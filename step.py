@@ -8,9 +8,10 @@ in micro-batches.
 - `generator_step`: a rank's class groups a few per forward/backward pass (train.py
   --micro-groups), gradients accumulated; the drift loss's two global statistics (the feature
   scale, each tau's force RMS) stay those of the whole step, so any split is the same step.
+- `mae_step`: the MAE stage's step (App. A.3), a few samples per pass (--micro-batch).
 
 train.py runs these in its loop; memory.py runs them on the meta device to plan a GPU's memory.
-Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Alg. 1, App. A.5-A.7.
+Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Alg. 1, App. A.3, A.5-A.7.
 """
 import contextlib
 
@@ -111,3 +112,28 @@ def generator_step(net, raw, phi, batch, micro, backward=True, cached=None,
         loss_sum = loss_sum + loss.detach()
     return loss_sum, {tau: sum(info[f"loss_{tau}"] / len(infos) for info in infos.values())
                       for tau in taus}
+
+
+def mae_step(net, x, labels, lam, micro=None, backward=True, amp=contextlib.nullcontext()):
+    """One --stage mae step on this rank's batch: lam * CE + (1 - lam) * masked L2, averaged
+    over the samples (MAEResNet.mae_loss), `micro` samples per forward/backward pass
+    (--micro-batch; default all), gradients accumulated; DDP or FSDP synchronize on the last
+    pass only. The loss is a mean of per-sample terms, so the parts weighted by their size
+    are the same step (the masks are drawn part by part from the same stream: on a CPU the
+    same numbers; on a GPU other draws of the same law). -> (loss, {name: batch mean})."""
+    B = len(x)
+    parts = [slice(i, i + (micro or B)) for i in range(0, B, micro or B)]
+    loss_sum, info_sum = 0.0, {}
+    for i, r in enumerate(parts):
+        last = i == len(parts) - 1
+        if hasattr(net, "set_requires_gradient_sync"):          # FSDP2
+            net.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with amp:
+                loss, info = net(x[r], labels[r], lam)          # forward = mae_loss
+            share = len(x[r]) / B                               # the part's share of the mean
+            if backward:
+                (loss * share).backward()
+        loss_sum = loss_sum + loss.detach() * share
+        info_sum = {k: info_sum.get(k, 0) + v * share for k, v in info.items()}
+    return loss_sum, info_sum

@@ -13,9 +13,12 @@ train.py --model L2 --help` shows what L2 runs; a flag given overrides it.
     python train.py --model S4                    # the generator on its features: ~12 min
     python train.py --model S4 --steps 2000 --resume     # continue that run, with its own flags
     torchrun --standalone --nproc_per_node=8 train.py --model L2 --data-path CACHE --mae-ckpt M
+    torchrun --standalone --nproc_per_node=8 train.py --stage mae --mae-model latent_640 \\
+        --data-path CACHE             # the paper's MAE: sharded (--fsdp auto), --micro-batch 256
 
 Checkpoint: --out/model.safetensors, ONE file (checkpoint.save_checkpoint) with the weights, EMA,
-optimizer and RNG states, args, and a sha256 per tensor; replaced atomically, written only
+optimizer and RNG states, args, and a sha256 per tensor (an FSDP run's too: gathered whole),
+in a run folder that holds one run whole (runfolder.py); replaced atomically, written only
 when the updated weights give a finite loss. --resume verifies it and takes the run's recorded
 flags. Ctrl-C / SIGTERM: the step ends, a checkpoint is written, exit 130 / 143 (twice: at once).
 Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2). Equation numbers refer to v2.
@@ -51,7 +54,7 @@ from metrics import held_out, progress, write_log
 from models import DriftDiT, DriftDiT_models, DriftDiTConfig, update_ema
 from runfolder import claim_run_folder, prepare_run_folder, replace_run
 from sample import finish_gen, finish_mae, generate, pictures
-from step import generator_step
+from step import generator_step, mae_step
 
 
 # --- Setup: DDP, data, the model to train and its inputs ---
@@ -83,17 +86,22 @@ def setup_mae(args, images, labels, shape, world, rank, device):
     train_idx, held_idx = split_per_class(labels, max(1, args.holdout))
     check_data(args, cfg, shape, labels, world, n_train=len(train_idx))
     held_idx = held_idx[::max(1, len(held_idx) // 1000)]      # evaluate at most ~1000 items
-    with torch.device("meta"):      # DDP keeps weights, gradients, AdamW's moments and the EMA
-        need = 16 * sum(p.numel() for p in MAEResNet(cfg).parameters())    # on every GPU
+    with torch.device("meta"):      # fp32 weights, gradients, AdamW's 2 moments, the EMA: DDP
+        need = 20 * sum(p.numel() for p in MAEResNet(cfg).parameters())    # on every GPU
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     fsdp = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and need > 0.9 * have > 0)
     if need / (world if fsdp else 1) > 0.9 * have > 0:        # FSDP: 1/world of it per GPU
-        raise ValueError(f"--mae-model {args.mae_model}: {need / 16e9:.2f}B parameters need "
+        raise ValueError(f"--mae-model {args.mae_model}: {need / 20e9:.2f}B parameters need "
                          f"{need / 1e9:.0f} GB (weights, gradients, AdamW, EMA), "
                          f"{need / world / 1e9 if fsdp else need / 1e9:.0f} GB per GPU "
                          f"{'sharded over' if fsdp else 'under DDP with'} {world} ranks; this "
                          f"GPU has {have / 1e9:.0f} GB: use more GPUs under torchrun (--fsdp "
                          f"auto shards the state), convert the official MAE, or a smaller one")
+    if rank == 0:
+        how = "FSDP" if fsdp else "whole copies (DDP)" if world > 1 else "one process"
+        print(f"plan per rank: {how}, {need / (world if fsdp else 1) / 1e9:.2f} GB of state; "
+              f"{args.batch // world} samples per step in passes of "
+              f"{args.micro_batch or args.batch // world} (--micro-batch)")
     torch.manual_seed(args.seed)                                # the same init on every rank
     model = MAEResNet(cfg)
     rank_seed = args.seed * world + rank
@@ -282,15 +290,12 @@ def main(argv=None):
                                       all_reduce=(lambda t: dist.all_reduce(t) or t) if ddp
                                       else None, exact=args.micro_stats == "step", **loss_kw)
             return loss, {f"V2_{tau}": v for tau, v in V2.items()}
-        with amp:                   # App. A.3: masked L2 (+ lambda CE in the fine-tune)
-            lam = cls_lambda(step, args)
-            loss, out = model(*batch, lam)                      # forward = mae_loss
-            info = {"recon": out["recon_loss"]}
-            if args.cls_start >= 0:
-                info.update(cls=out["cls_loss"], acc=out["accuracy"],
-                            lam=torch.tensor(lam, device=device))
-        if backward:
-            loss.backward()
+        lam = cls_lambda(step, args)    # App. A.3: masked L2 (+ lambda CE in the fine-tune)
+        loss, out = mae_step(model, *batch, lam, args.micro_batch, backward, amp)
+        info = {"recon": out["recon_loss"]}
+        if args.cls_start >= 0:
+            info.update(cls=out["cls_loss"], acc=out["accuracy"],
+                        lam=torch.tensor(lam, device=device))
         return loss, info
 
     micro = plan_passes(args, s, raw, amp, lambda: draw(start), device, stop_group, loss_kw) if (

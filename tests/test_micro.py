@@ -170,15 +170,33 @@ def test_memory_estimate_counts_the_weights_and_falls_with_the_plan():
     """memory.estimate on the S4 step: the fixed bytes are the DiT's fp32 weights, EMA and
     AdamW's two moments (4 x 4 bytes per parameter) and the bf16 MAE (2 bytes), exactly; the
     peak falls with fewer groups per pass (activation checkpointing's effect: docs/memory.md,
-    at paper sizes)."""
+    at paper sizes). With the S4 recipe's field_fast loss (the reference loss takes 2x the
+    time on fake tensors; the memory is the same kind: tests/test_field_fast.py)."""
     import memory
     from encoder import MAE_models, MAEConfig
     n_mae = sum(p.numel() for p in MAEResNet(MAEConfig(**MAE_models["mnist"]),
                                              with_heads=False).parameters())
-    est = lambda **kw: memory.estimate("S4", 2, gen=32, pos=8, unc=4, mae="mnist", **kw)
+    est = lambda **kw: memory.estimate("S4", 2, gen=32, pos=8, unc=4, mae="mnist",
+                                       fast_loss=True, **kw)
     whole, micro = est(), est(micro=1)
     assert whole["fixed"] == 16 * whole["params"] + 2 * n_mae
     assert micro["peak"] < 0.6 * whole["peak"]
+
+
+def test_mae_estimate_shards_the_state_and_grows_with_the_batch():
+    """memory.estimate_mae (the MAE stage under FSDP): the state is 20 bytes per parameter
+    over the ranks plus 3 fp32 copies of the largest block, exactly; the activations' part
+    grows with the samples per pass (by at least the input and its gradient per sample)."""
+    import memory
+    from encoder import BasicBlock, MAE_models, MAEConfig, UpBlock
+    model = MAEResNet(MAEConfig(**MAE_models["mnist"]))
+    n = sum(p.numel() for p in model.parameters())
+    block = max(sum(p.numel() for p in m.parameters()) for m in model.modules()
+                if isinstance(m, (BasicBlock, UpBlock)))
+    one, two = memory.estimate_mae("mnist", 4, 1), memory.estimate_mae("mnist", 8, 2)
+    assert one["state"] == 20 * n + 12 * block and two["state"] == 20 * n // 2 + 12 * block
+    act = lambda e: e["peak"] - e["state"]
+    assert act(two) - act(one) > 4 * 2 * 28 * 28 * 4
 
 
 def test_resume_is_exact_with_micro_groups(files, tmp_path):

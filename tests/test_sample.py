@@ -53,10 +53,10 @@ def run(args, nproc=0):
 
 def test_npz_same_for_any_process_count_and_batch(ckpt, tmp_path):
     """The paper's FID protocol needs a sample set that a rerun on other hardware reproduces:
-    1 process (batch 20 and 3) and torchrun with 2 gloo processes (batch 4) write identical
-    uint8 NHWC arr_0 with the same labels, an equal count per class."""
+    1 process (batch 3) and torchrun with 2 gloo processes (batch 4) write identical uint8
+    NHWC arr_0 with the same labels, an equal count per class."""
     outs = []
-    for nproc, batch in ((0, 20), (0, 3), (2, 4)):
+    for nproc, batch in ((0, 3), (2, 4)):
         out = tmp_path / f"s{nproc}_{batch}.npz"
         rc, log = run(["--ckpt", ckpt, "--num-samples", "20", "--batch", str(batch),
                        "--out", str(out)], nproc)
