@@ -84,11 +84,13 @@ class PeakBytes(TorchDispatchMode):
 
 
 def estimate(model, groups, micro=None, gen=64, pos=64, unc=32, mae="latent_640", convnext=None,
-             grad_checkpoint=False, mae_bf16=True, fast_loss=False, taus=(0.2, 0.05, 0.02)):
+             grad_checkpoint=False, mae_bf16=True, fast_loss=False, taus=(0.2, 0.05, 0.02),
+             exact=True):
     """Bytes at the peak of one generator step on one GPU: `groups` class groups of `gen`
     generated, `pos` positive and `unc` unconditional samples, `micro` per pass (default: all),
     under bf16 autocast. -> {"peak": bytes, "fixed": bytes before the step, "params": DiT}.
-    Two passes are run (every pass holds the same); the whole step's draw is allocated."""
+    Two passes are run (every pass holds the same); the whole step's draw is allocated.
+    exact=False: without the statistics sweeps (--micro-stats pass)."""
     cfg = DriftDiTConfig(**{**DriftDiT_models[model], "grad_checkpoint": grad_checkpoint})
     with torch.device("meta"):                      # built without data, then made fake
         net, phi = DriftDiT(cfg), MAEResNet(MAEConfig(**MAE_models[mae]), with_heads=False)
@@ -113,6 +115,7 @@ def estimate(model, groups, micro=None, gen=64, pos=64, unc=32, mae="latent_640"
         batch = [t[:run] for t in batch[:4]] + [t[:run * gen] for t in batch[4:]]
         generator_step(net, net, enc if convnext else phi, batch, micro or groups,
                        amp=torch.autocast("cpu", torch.bfloat16), taus=taus, chunk_bytes=2 ** 28,
+                       exact=exact,
                        drift_loss=field_fast.drift_loss if fast_loss else field.drift_loss)
         del batch, state
     return dict(peak=mem.peak, fixed=fixed, params=sum(p.numel() for p in params))

@@ -208,8 +208,8 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     """torchrun, 2 CPU processes (gloo), 4 class groups per step: rank r computes groups
     2r, 2r+1 whole, one group per pass (--micro-groups 1: DDP syncs the gradients on the
     second pass), and drift_loss all-reduces its per-group statistics (feature scale,
-    per-tau force RMS) over the ranks and passes. A plain 1-process run with the same flags computes all
-    4 groups itself: group j's labels, alpha, data, noise and style indices come from a
+    per-tau force RMS) over the ranks and passes. A plain 1-process run with the same flags
+    computes all 4 groups itself: group j's labels, alpha, data, noise and style indices come from a
     generator seeded by (seed, step, j), not by rank, so both runs see the same union of
     groups, and DDP's gradient average equals the 1-process mean over groups.
     Both continue (--resume) a shared 1-process run of 10 steps for 3 steps. Tolerance: the
