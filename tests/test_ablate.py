@@ -50,6 +50,7 @@ def test_ablation_table_trains_rows_once_and_resumes(tmp_path, monkeypatch, caps
     no retraining); the table is written (a stand-in network for the Inception)."""
     from encoder import MAEConfig, MAEResNet
     from checkpoint import read_metadata, save_checkpoint
+    monkeypatch.setattr(fid, "DIM", 64)                  # the stand-in's features: fast FIDs
     write_standin(str(tmp_path / "digits.csv.gz"))
     torch.manual_seed(0)
     cfg = MAEConfig(in_channels=1, base_channels=8, layers=(1, 1, 1, 1), num_classes=10)

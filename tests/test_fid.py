@@ -142,7 +142,9 @@ def test_fid_from_stats_refuses_other_dimensions():
 
 
 class LinearFeatures(torch.nn.Module):
-    """A stand-in for the Inception: fixed random features of the pixels (cheap)."""
+    """A stand-in for the Inception: fixed random features of the pixels (cheap), fid.DIM of
+    them (a test that patches fid.DIM to 64 gets 64: the FID's matrix square root of 2048 x
+    2048 takes ~3 s, the same code on 64 x 64 none)."""
 
     def __init__(self):
         super().__init__()
@@ -150,7 +152,7 @@ class LinearFeatures(torch.nn.Module):
         self.W = torch.randint(-3, 4, (28 * 28, fid.DIM), generator=g).float()
 
     def forward(self, x):
-        f = x.float().flatten(1) @ self.W                                   # (B, 2048)
+        f = x.float().flatten(1) @ self.W                                   # (B, DIM)
         return f, f[:, :fid.N_LOGITS]
 
 
@@ -218,9 +220,9 @@ def test_two_processes_give_the_same_fid_and_is(weights_with_head, tmp_path, mon
                                                 capsys):
     """torchrun with 2 gloo processes: the float64 sums all-reduce and the logits come back in
     image order (the IS permutation and splits are global), so FID and IS print the same as
-    with 1 process (30 images: 3 per IS split, so a wrong order changes the IS)."""
+    with 1 process (20 images: 2 per IS split, so a wrong order changes the IS)."""
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "imgs.npz", arr_0=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "imgs.npz", arr_0=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "other.npz", arr_0=rng.integers(0, 200, (5, 32, 32, 3), dtype=np.uint8))
     cli(monkeypatch, capsys, "ref", "--weights", weights_with_head, "--images",
         str(tmp_path / "other.npz"), "--out", str(tmp_path / "ref.npz"))
@@ -319,6 +321,7 @@ def test_fid_vs_step_of_snapshots_equals_sample_then_calc(tmp_path, monkeypatch,
     from checkpoint import save_checkpoint
     from models import DriftDiT, DriftDiTConfig, DriftDiT_models
     import sample
+    monkeypatch.setattr(fid, "DIM", 64)                  # the stand-in's features: fast FIDs
     os.makedirs(tmp_path / "run" / "snapshots")
     torch.manual_seed(0)
     model = DriftDiT(DriftDiTConfig(**DriftDiT_models["S4"])).eval()
