@@ -75,13 +75,16 @@ def test_npz_same_for_any_process_count_and_batch(ckpt, tmp_path):
 
 def test_grid_grayscale_and_ema_default(ckpt, tmp_path):
     """The grid has one row per chosen class; a 1-channel model writes a grayscale PNG;
-    EMA weights are the default and --raw picks the other weights."""
+    EMA weights are the default and --raw picks the other weights. (In this process:
+    sample.main turns gradients off for the process, so they are turned back on.)"""
     pngs = {}
     for flag in ([], ["--raw"]):
         out = tmp_path / f"grid{len(flag)}.png"
-        rc, log = run(["--ckpt", ckpt, "--classes", "3", "7", "--per-class", "3",
-                       "--out", str(out), *flag])
-        assert rc == 0, log
+        try:
+            sample.main(["--ckpt", ckpt, "--classes", "3", "7", "--per-class", "3",
+                         "--out", str(out), *flag])
+        finally:
+            torch.set_grad_enabled(True)
         pngs[len(flag)] = Image.open(out)
     assert pngs[0].mode == "L" and pngs[0].size == (3 * 30 + 2, 2 * 30 + 2)
     assert not np.array_equal(np.asarray(pngs[0]), np.asarray(pngs[1]))
