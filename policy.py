@@ -26,7 +26,6 @@ Paper: Generative Modeling via Drifting, arXiv:2602.04770 (v2), Sec. 5.3.
 """
 import argparse
 import math
-import os
 import time
 
 import numpy as np
