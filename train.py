@@ -90,16 +90,17 @@ def setup_mae(args, images, labels, shape, world, rank, device):
         need = 20 * sum(p.numel() for p in MAEResNet(cfg).parameters())    # on every GPU
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     fsdp = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and need > 0.9 * have > 0)
-    if need / (world if fsdp else 1) > 0.9 * have > 0:        # FSDP: 1/world of it per GPU
+    per_gpu = need / world if fsdp else need                    # FSDP: 1/world of it per GPU
+    if per_gpu > 0.9 * have > 0:
         raise ValueError(f"--mae-model {args.mae_model}: {need / 20e9:.2f}B parameters need "
                          f"{need / 1e9:.0f} GB (weights, gradients, AdamW, EMA), "
-                         f"{need / world / 1e9 if fsdp else need / 1e9:.0f} GB per GPU "
+                         f"{per_gpu / 1e9:.0f} GB per GPU "
                          f"{'sharded over' if fsdp else 'under DDP with'} {world} ranks; this "
                          f"GPU has {have / 1e9:.0f} GB: use more GPUs under torchrun (--fsdp "
                          f"auto shards the state), convert the official MAE, or a smaller one")
     if rank == 0:
         how = "FSDP" if fsdp else "whole copies (DDP)" if world > 1 else "one process"
-        print(f"plan per rank: {how}, {need / (world if fsdp else 1) / 1e9:.2f} GB of state; "
+        print(f"plan per rank: {how}, {per_gpu / 1e9:.2f} GB of state; "
               f"{args.batch // world} samples per step in passes of "
               f"{args.micro_batch or args.batch // world} (--micro-batch)")
     torch.manual_seed(args.seed)                                # the same init on every rank
